@@ -1,0 +1,5 @@
+import sys
+
+from linscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""`linscale train TASK`: resolve everything, spawn the workers, train, summarise."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from linscale import config as lconfig
+from linscale.runtime import topology
+from linscale.runtime.device import local_device_count
+from linscale.runtime.launch import LaunchError, LaunchSpec, spawn
+from linscale.task import TaskError, resolve_task
+
+USER_ERRORS = (lconfig.ConfigError, TaskError, LaunchError, ValueError)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a task on all local devices",
+        description="Train TASK: a built-in (gpt), a file (path/to/task.py:MyTask) or a module "
+        "(pkg.mod:MyTask). Settings come from --config FILE.toml and --section.field=value "
+        "overrides; --help-config lists them.",
+    )
+    p.add_argument("task", nargs="?", default="gpt", help="the task to train (default: gpt)")
+    p.add_argument("--config", help="a TOML file of settings ([train], [optim], [task], ...)")
+    p.add_argument("--nproc-per-node", type=int, default=0,
+                   help="worker processes on this machine (default: one per GPU, or 2 on CPU)")
+    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default: 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free port)")
+    p.add_argument("--help-config", action="store_true", help="list every setting with its default")
+    p.set_defaults(func=run_cli)
+
+
+def _error(msg: str) -> int:
+    print(f"linscale: error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _help_config(task_cls: type | None) -> None:
+    for name, cls in lconfig.SECTIONS.items():
+        print(f"[{name}]")
+        print("\n".join(lconfig.describe(cls, name)))
+    if task_cls is not None and getattr(task_cls, "Config", None) is not None:
+        print("[task]")
+        print("\n".join(lconfig.describe(task_cls.Config, "task")))
+
+
+def prepare(args: argparse.Namespace, rest: list[str]) -> tuple[type, lconfig.RunConfig]:
+    """Everything that can be checked before workers start: task, config, batch split."""
+    task_cls = resolve_task(args.task)
+    overrides = lconfig.parse_overrides(rest)
+    cfg = lconfig.load_config(args.config, overrides, getattr(task_cls, "Config", None),
+                              getattr(task_cls, "defaults", None))
+    return task_cls, cfg
+
+
+def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
+    if args.help_config:
+        try:
+            task_cls = resolve_task(args.task)
+        except TaskError:
+            task_cls = None
+        _help_config(task_cls)
+        return 0
+    if topology.under_torchrun():
+        return _worker(args, rest)
+    try:
+        task_cls, cfg = prepare(args, rest)
+        nproc = args.nproc_per_node or local_device_count(cfg.runtime.device)
+        if nproc < 1:
+            raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
+        _validate_batch(task_cls, cfg, nproc)
+        if nproc == 1:
+            from linscale.train.loop import run
+
+            run(args.task, task_cls, cfg)
+            return 0
+        spawn(LaunchSpec(nproc_per_node=nproc, master_addr=args.master_addr, master_port=args.master_port),
+              _worker_argv(argv, cfg))
+        return 0
+    except USER_ERRORS as e:
+        return _error(str(e))
+    except KeyboardInterrupt:
+        return _error("interrupted")
+
+
+def _validate_batch(task_cls: type, cfg: lconfig.RunConfig, replicas: int) -> None:
+    from linscale.train.batching import plan_batch, tokens_to_samples
+
+    if cfg.train.global_batch_tokens:
+        task = task_cls(cfg.task) if getattr(task_cls, "Config", None) is not None else task_cls()
+        samples = tokens_to_samples(cfg.train.global_batch_tokens, getattr(task, "tokens_per_sample", None))
+    else:
+        samples = cfg.train.global_batch
+    plan_batch(samples, replicas, cfg.train.micro_batch)
+
+
+def _worker_argv(argv: list[str], cfg: lconfig.RunConfig) -> list[str]:
+    """The workers' command line: the user's, with the run directory fixed so all agree."""
+    from linscale.train.rundir import default_run_dir
+
+    out = list(argv)
+    if not cfg.log.dir:
+        task = next((a for a in argv[1:] if not a.startswith("-")), "gpt")
+        out.append(f"--log.dir={default_run_dir(task)}")
+    return out
+
+
+def _worker(args: argparse.Namespace, rest: list[str]) -> int:
+    """Inside a worker: train, and on failure record the error for the agent and exit hard."""
+    from linscale.train.loop import run
+
+    try:
+        task_cls, cfg = prepare(args, rest)
+        run(args.task, task_cls, cfg)
+        return 0
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the agent
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        rank = topology.detect().rank
+        if isinstance(e, USER_ERRORS):
+            print(f"linscale: error on rank {rank}: {e}", file=sys.stderr, flush=True)
+        else:
+            print(f"linscale: rank {rank} failed:", file=sys.stderr, flush=True)
+            traceback.print_exc()
+        get_error_handler().record_exception(e)
+        from linscale.runtime.dist import hard_exit
+
+        hard_exit(1)
+        return 1

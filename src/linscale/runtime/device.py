@@ -1,0 +1,170 @@
+"""The device: type, backend, synchronisation, memory and peak FLOP/s, resolved once.
+
+This is the only module that names CUDA. Everything else asks a `Device`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Dense peak FLOP/s per GPU (no sparsity), from the vendors' data sheets:
+# H100/H200: NVIDIA H100 Tensor Core GPU data sheet (SXM: 989 TF bf16, 67 TF fp32; PCIe: 756/51).
+# A100: NVIDIA A100 data sheet (312 TF bf16/fp16, 19.5 TF fp32). V100: NVIDIA V100 data sheet
+# (SXM2 125 TF fp16 tensor, 15.7 TF fp32; PCIe 112/14). A10, L4, L40S, T4: NVIDIA product briefs.
+# RTX 4090 / 3090: NVIDIA Ada / Ampere architecture white papers (fp16 tensor with fp32 accumulate).
+# Keys are matched as substrings of the device name, most specific first.
+GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("V100 PCIe", {"fp16": 112e12, "fp32": 14e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+]
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def local_device_count(kind: str = "auto") -> int:
+    """Default number of worker processes on this node: one per GPU, else 2 CPU processes
+    (on a machine with at least 2 cores) so that data parallelism is exercised."""
+    if kind in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return min(2, cpu_cores())
+
+
+@dataclass
+class Device:
+    type: str  # "cuda" or "cpu"
+    index: int
+    backend: str  # "nccl" or "gloo"
+    name: str
+    threads: int
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.type, self.index) if self.type == "cuda" else torch.device("cpu")
+
+    @property
+    def ddp_device_ids(self) -> list[int] | None:
+        return [self.index] if self.type == "cuda" else None
+
+    @property
+    def pin_memory(self) -> bool:
+        return self.type == "cuda"
+
+    def synchronize(self) -> None:
+        if self.type == "cuda":
+            torch.cuda.synchronize(self.index)
+
+    def supports_fast_bf16(self) -> bool:
+        """bf16 matrix products faster than fp32 (tensor cores, AVX-512 BF16 or AMX)."""
+        if self.type == "cuda":
+            return torch.cuda.is_bf16_supported()
+        return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+    def max_memory_allocated(self) -> int | None:
+        if self.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.index)
+        return None
+
+    def peak_flops(self, dtype: str) -> tuple[float, str]:
+        """Peak FLOP/s of one device for `dtype` ("fp32"/"bf16") and where the figure comes from."""
+        if self.type == "cuda":
+            for key, table in GPU_PEAK_FLOPS:
+                if key in self.name:
+                    value = table.get(dtype) or table.get("fp16") or table["fp32"]
+                    return value, f"data sheet ({key})"
+            return float("nan"), f"unknown GPU {self.name!r}: add it to GPU_PEAK_FLOPS"
+        return measure_cpu_peak(dtype, self.threads), f"matmul probe, {self.threads} thread(s)"
+
+
+def resolve(kind: str, local_rank: int, threads_per_proc: int, local_world_size: int) -> Device:
+    """Pick the device and backend once, and set the thread count of this process."""
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("runtime.device=cuda but no CUDA device is visible; use runtime.device=auto or cpu")
+    threads = threads_per_proc or max(1, cpu_cores() // max(1, local_world_size))
+    torch.set_num_threads(threads)
+    if kind in ("auto", "cuda") and torch.cuda.is_available():
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return Device("cuda", index, "nccl", torch.cuda.get_device_name(index), threads)
+    return Device("cpu", 0, "gloo", _cpu_name(), threads)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "linscale" / "cpu_peak_flops.json"
+
+
+def measure_cpu_peak(dtype: str, threads: int, size: int = 1024, reps: int = 6) -> float:
+    """Measure the CPU's matrix-product FLOP/s once and remember it per CPU model and threads."""
+    key = f"{_cpu_name()}|{threads}|{dtype}|{torch.__version__}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=tdtype)
+    b = torch.randn(size, size, dtype=tdtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    value = 2 * size**3 / best
+    known[key] = value
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return value

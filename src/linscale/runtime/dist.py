@@ -1,0 +1,68 @@
+"""Process groups and the few collectives the training loop needs, in one place."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from linscale.runtime.device import Device
+from linscale.runtime.topology import Topology
+
+
+def init(topo: Topology, device: Device, timeout_s: float) -> None:
+    """Join the job's process group (a no-op for a single process)."""
+    if not topo.distributed or dist.is_initialized():
+        return
+    dist.init_process_group(
+        backend=device.backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device.torch_device if device.type == "cuda" else None,
+    )
+    assert dist.get_world_size() == topo.world_size, (dist.get_world_size(), topo)
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of `t` ("sum", "max" or "avg"); identity for a single process."""
+    if active():
+        if op == "avg":
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        else:
+            dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if active():
+        dist.destroy_process_group()
+
+
+def hard_exit(code: int) -> None:
+    """Leave without tearing down the process group: a failing rank can hang in
+    destroy_process_group while its peers wait in a collective."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

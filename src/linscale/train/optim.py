@@ -1,0 +1,54 @@
+"""AdamW with decoupled weight decay on matrices, and the warm-up + cosine/constant schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from linscale.config import OptimConfig
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Decay matrices (weights of linear layers, embeddings); not biases and norm gains.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    impl = cfg.impl
+    if impl == "auto":
+        impl = "fused" if device_type in ("cuda", "cpu") else "foreach"
+    if impl == "fused":
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based).
+
+    >>> lr_factor(0, OptimConfig(warmup_steps=10), 100)
+    0.1
+    """
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant" or not total_steps:
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    if cfg.schedule == "cosine" and not total_steps:
+        raise ValueError(
+            "optim.schedule=cosine needs a known number of steps: set train.max_steps or "
+            "train.max_tokens, or use --optim.schedule=constant with train.max_time"
+        )
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))
