@@ -42,20 +42,28 @@ def check_port_free(addr: str, port: int) -> None:
             ) from None
 
 
+# Errors a rank reports when a peer died first.
+CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+                "Connection refused")
+
+
 def _failure_message(err: Exception) -> str:
     failures = getattr(err, "failures", None)
     if not failures:
         return str(err)
-    # The first failure by time is the cause; the others were stopped because of it.
-    rank, first = min(failures.items(), key=lambda kv: kv[1].timestamp)
-    detail = ""
-    message = first.message
-    if isinstance(message, dict):
-        message = message.get("message", "")
-        if isinstance(message, str) and message.startswith("{"):
-            message = ""
-    if message and message != "<N/A>":
-        detail = str(message).strip().splitlines()[-1]
+    def text_of(failure) -> str:
+        message = failure.message
+        if isinstance(message, dict):
+            message = message.get("message", "")
+        message = str(message or "").strip()
+        return "" if message in ("<N/A>",) or message.startswith("{") else message.splitlines()[-1]
+
+    # The cause is the earliest failure that is not a peer's lost connection: when one rank
+    # dies, the others fail in their next collective, sometimes before the agent notices.
+    ordered = sorted(failures.items(), key=lambda kv: kv[1].timestamp)
+    causes = [kv for kv in ordered if not any(s in text_of(kv[1]) for s in CONSEQUENCES)]
+    rank, first = (causes or ordered)[0]
+    detail = text_of(first)
     code = first.exitcode
     how = f"exit code {code}" if code >= 0 else f"signal {-code}"
     text = f"worker rank {rank} (pid {first.pid}) failed with {how}"
