@@ -32,8 +32,7 @@ class TrainConfig:
     global_batch: int = opt(32, "Samples per optimizer step, summed over all replicas.")
     global_batch_tokens: int = opt(
         0,
-        "Tokens per optimizer step; when > 0 it overrides global_batch "
-        "(needs a task with tokens_per_sample).",
+        "Tokens per optimizer step; when > 0 it overrides global_batch (needs a task with tokens_per_sample).",
     )
     micro_batch: int = opt(0, "Samples per forward/backward on one replica; 0 = largest that divides.")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no limit).")
@@ -57,9 +56,7 @@ class TrainConfig:
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
         if self.max_steps == 0 and self.max_tokens == 0 and self.max_time == 0:
-            raise ConfigError(
-                "no stop condition: set train.max_steps, train.max_tokens or train.max_time"
-            )
+            raise ConfigError("no stop condition: set train.max_steps, train.max_tokens or train.max_time")
 
 
 @dataclass(kw_only=True)
@@ -256,9 +253,7 @@ def load_config(
     task_values = merged.get("task", {})
     if task_config_cls is None:
         if task_values:
-            raise ConfigError(
-                f"this task takes no [task] settings, got {', '.join(sorted(task_values))}"
-            )
+            raise ConfigError(f"this task takes no [task] settings, got {', '.join(sorted(task_values))}")
         task_cfg = None
     else:
         task_cfg = build_section("task", task_config_cls, task_values)

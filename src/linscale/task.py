@@ -115,9 +115,7 @@ def _load_file(path: str, name: str) -> type:
 def _attr(module: Any, name: str, where: str) -> type:
     obj = getattr(module, name, None)
     if obj is None:
-        found = [
-            k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Task) and v is not Task
-        ]
+        found = [k for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, Task) and v is not Task]
         hint = f"; it defines {', '.join(found)}" if found else ""
         raise TaskError(f"{where} has no class {name!r}{hint}")
     return obj

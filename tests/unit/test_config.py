@@ -172,7 +172,7 @@ def test_integer_spellings(text, value):
 @pytest.mark.xfail(
     strict=True,
     raises=OverflowError,
-    reason="BUG config.py:172-176: int('inf') raises OverflowError, which the except ValueError does not catch",
+    reason="BUG config._coerce: int('inf') raises OverflowError, which the except ValueError does not catch",
 )
 @pytest.mark.parametrize("text", ["inf", "1e400"])
 def test_integer_field_rejects_infinity_with_config_error(text):
@@ -206,7 +206,7 @@ def test_optional_field_accepts_none():
 
 def test_precedence_defaults_then_file_then_overrides(tmp_path):
     defaults = {"train": {"max_steps": 10, "seed": 1, "log_every": 3}, "optim": {"lr": 0.5}, "task": {"width": 2}}
-    path = write(tmp_path, "[train]\nmax_steps = 20\nseed = 2\n[task]\nwidth = 4\nname = \"file\"\n")
+    path = write(tmp_path, '[train]\nmax_steps = 20\nseed = 2\n[task]\nwidth = 4\nname = "file"\n')
     overrides = parse_overrides(["--train.seed=3", "--task.name=cli"])
     cfg = load_config(path, overrides, ToyTaskConfig, defaults)
     assert cfg.train.max_steps == 20  # file beats task default
@@ -312,7 +312,7 @@ def test_to_toml_round_trips_resolved_config(tmp_path):
             [
                 "--train.max_steps=7",
                 "--optim.lr=3e-4",
-                "--log.dir=runs/a \"quoted\" \\ dir",
+                '--log.dir=runs/a "quoted" \\ dir',
                 "--task.scale=1e-12",
                 "--task.flag=yes",
             ]
@@ -345,7 +345,7 @@ def test_to_toml_round_trips_gpt_task_config():
 @pytest.mark.xfail(
     strict=True,
     raises=tomllib.TOMLDecodeError,
-    reason="BUG config.py:285: to_toml does not escape control characters, so a newline makes invalid TOML",
+    reason="BUG config.to_toml does not escape control characters, so a newline makes invalid TOML",
 )
 def test_to_toml_round_trips_strings_with_newlines():
     data = {"task": {"prompt": "def f():\n    return 1\n"}}

@@ -25,8 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("task", nargs="?", default="gpt", help="the task to train (default: gpt)")
     p.add_argument("--config", help="a TOML file of settings ([train], [optim], [task], ...)")
-    p.add_argument("--nproc-per-node", type=int, default=0,
-                   help="worker processes on this machine (default: one per GPU, or 2 on CPU)")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        help="worker processes on this machine (default: one per GPU, or 2 on CPU)",
+    )
     p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default: 127.0.0.1)")
     p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free port)")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
@@ -51,8 +55,9 @@ def prepare(args: argparse.Namespace, rest: list[str]) -> tuple[type, lconfig.Ru
     """Everything that can be checked before workers start: task, config, batch split."""
     task_cls = resolve_task(args.task)
     overrides = lconfig.parse_overrides(rest)
-    cfg = lconfig.load_config(args.config, overrides, getattr(task_cls, "Config", None),
-                              getattr(task_cls, "defaults", None))
+    cfg = lconfig.load_config(
+        args.config, overrides, getattr(task_cls, "Config", None), getattr(task_cls, "defaults", None)
+    )
     return task_cls, cfg
 
 
@@ -77,8 +82,10 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
             run(args.task, task_cls, cfg)
             return 0
-        spawn(LaunchSpec(nproc_per_node=nproc, master_addr=args.master_addr, master_port=args.master_port),
-              _worker_argv(argv, cfg))
+        spawn(
+            LaunchSpec(nproc_per_node=nproc, master_addr=args.master_addr, master_port=args.master_port),
+            _worker_argv(argv, cfg),
+        )
         return 0
     except USER_ERRORS as e:
         return _error(str(e))

@@ -57,9 +57,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.qkv(x_BTC).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, C/heads)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -113,8 +111,14 @@ class GPT(nn.Module):
         return F.linear(self.ln_f(x), self.tok_emb.weight)
 
     @torch.no_grad()
-    def generate(self, idx_BT: torch.Tensor, num_new: int, temperature: float = 0.8, top_k: int = 40,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx_BT: torch.Tensor,
+        num_new: int,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         for _ in range(num_new):
             logits = self(idx_BT[:, -self.cfg.block_size :])[:, -1, :] / temperature
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]

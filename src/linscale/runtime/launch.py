@@ -43,14 +43,20 @@ def check_port_free(addr: str, port: int) -> None:
 
 
 # Errors a rank reports when a peer died first.
-CONSEQUENCES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
-                "Connection refused")
+CONSEQUENCES = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Socket Timeout",
+    "Connection refused",
+)
 
 
 def _failure_message(err: Exception) -> str:
     failures = getattr(err, "failures", None)
     if not failures:
         return str(err)
+
     def text_of(failure) -> str:
         message = failure.message
         if isinstance(message, dict):

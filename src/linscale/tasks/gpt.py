@@ -84,7 +84,7 @@ class TokenWindows(torch.utils.data.Dataset):
 class GPTTask(Task):
     Config = GPTTaskConfig
     defaults = {
-        "train": {"global_batch": 32, "max_steps": 400, "eval_every": 100, "log_every": 10},
+        "train": {"global_batch": 32, "max_steps": 1000, "eval_every": 250, "log_every": 10},
         "optim": {"lr": 2e-3, "warmup_steps": 20, "weight_decay": 0.1},
     }
 
@@ -92,8 +92,12 @@ class GPTTask(Task):
         super().__init__(config or GPTTaskConfig())
         c = self.config
         self.model_cfg = GPTConfig(
-            vocab_size=256, block_size=c.block_size, n_layer=c.n_layer, n_head=c.n_head,
-            d_model=c.d_model, dropout=c.dropout,
+            vocab_size=256,
+            block_size=c.block_size,
+            n_layer=c.n_layer,
+            n_head=c.n_head,
+            d_model=c.d_model,
+            dropout=c.dropout,
         )
         self.tokens_per_sample = c.block_size
         self._corpus: tuple[np.ndarray, np.ndarray] | None = None

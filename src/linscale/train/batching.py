@@ -39,8 +39,7 @@ def plan_batch(global_batch: int, replicas: int, micro_batch: int = 0) -> BatchP
         options = sorted({v for v in (lo, lo + replicas) if v > 0})
         raise ValueError(
             f"train.global_batch={global_batch} does not divide over {replicas} replicas; "
-            f"use a multiple of {replicas}, for example "
-            + " or ".join(f"--train.global_batch={v}" for v in options)
+            f"use a multiple of {replicas}, for example " + " or ".join(f"--train.global_batch={v}" for v in options)
         )
     share = global_batch // replicas
     if micro_batch == 0:

@@ -154,8 +154,17 @@ def _check_loss(loss: Any) -> torch.Tensor:
 
 
 def train_step(
-    task: Task, model: nn.Module, batches, plan: BatchPlan, precision: Precision, device: Device,
-    clock: parallel.CommClock, opt: torch.optim.Optimizer, sched, grad_clip: float, loss_sum: torch.Tensor,
+    task: Task,
+    model: nn.Module,
+    batches,
+    plan: BatchPlan,
+    precision: Precision,
+    device: Device,
+    clock: parallel.CommClock,
+    opt: torch.optim.Optimizer,
+    sched,
+    grad_clip: float,
+    loss_sum: torch.Tensor,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """One optimizer step over `plan.accum_steps` micro-batches; returns phase times and grad norm."""
     t_data = t_fb = 0.0
@@ -212,12 +221,25 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     run_dir = Path(cfg.log.dir) if cfg.log.dir else None
     if topo.is_main:
         run_dir = run_dir or default_run_dir(task_spec)
-        write_run_dir(run_dir, cfg, task_spec, {
-            "world_size": topo.world_size, "num_nodes": topo.num_nodes, "device": device.name,
-            "backend": device.backend, "threads_per_proc": device.threads, "precision": precision.name,
-            "batch": {"global": plan.global_batch, "micro": plan.micro_batch, "accum": plan.accum_steps,
-                      "replicas": plan.replicas},
-        })
+        write_run_dir(
+            run_dir,
+            cfg,
+            task_spec,
+            {
+                "world_size": topo.world_size,
+                "num_nodes": topo.num_nodes,
+                "device": device.name,
+                "backend": device.backend,
+                "threads_per_proc": device.threads,
+                "precision": precision.name,
+                "batch": {
+                    "global": plan.global_batch,
+                    "micro": plan.micro_batch,
+                    "accum": plan.accum_steps,
+                    "replicas": plan.replicas,
+                },
+            },
+        )
     run_dir = Path(ldist.broadcast_object(str(run_dir)))
 
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
@@ -246,7 +268,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             flush=True,
         )
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)
-    warm = min(5, max(1, (total_steps or 50) // 10))
+    warm = mx.warmup_steps(total_steps)
     times = mx.StepTimes(warmup_steps=warm)
     batches = forever(loader)
     loss_sum = torch.zeros((), device=device.torch_device)
@@ -255,23 +277,34 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     eval_loss = float("nan")
     eval_time = 0.0
     grad_norm = None
-    start = time.perf_counter()
+    start = steady_start = time.perf_counter()
+    eval_time_at_warm = 0.0
     window_start, window_steps = start, 0
     step = 0
     try:
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
-            phases, grad_norm = train_step(task, model, batches, plan, precision, device, clock, opt, sched,
-                                           tc.grad_clip, loss_sum)
+            phases, grad_norm = train_step(
+                task, model, batches, plan, precision, device, clock, opt, sched, tc.grad_clip, loss_sum
+            )
             times.add(step, phases, time.perf_counter() - t0)
             step += 1
+            if step == warm:
+                # Steady-state wall clock starts here: logging and reductions count, evaluation not.
+                steady_start, eval_time_at_warm = time.perf_counter(), eval_time
             window_steps += 1
             last = step == total_steps
             if step % sync_every == 0 or last:
                 stop = float(bool(tc.max_time) and time.perf_counter() - start - eval_time >= tc.max_time)
-                red = torch.stack([loss_sum.double(), torch.tensor(float(window_steps * plan.accum_steps),
-                                   dtype=torch.float64, device=loss_sum.device),
-                                   torch.tensor(stop, dtype=torch.float64, device=loss_sum.device)])
+                red = torch.stack(
+                    [
+                        loss_sum.double(),
+                        torch.tensor(
+                            float(window_steps * plan.accum_steps), dtype=torch.float64, device=loss_sum.device
+                        ),
+                        torch.tensor(stop, dtype=torch.float64, device=loss_sum.device),
+                    ]
+                )
                 ldist.all_reduce(red, "sum")
                 mean_loss = (red[0] / red[1]).item()
                 totals["loss"] += mean_loss * window_steps
@@ -279,11 +312,16 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 now = time.perf_counter()
                 rate = window_steps * plan.global_batch * (tokens_per_sample or 1) / (now - window_start)
                 if step % tc.log_every == 0 or last or red[2] > 0:
-                    report.log(step, {
-                        "train_loss": mean_loss, "lr": sched.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                        f"train_{unit}_per_s": rate, "elapsed_s": now - start,
-                    })
+                    report.log(
+                        step,
+                        {
+                            "train_loss": mean_loss,
+                            "lr": sched.get_last_lr()[0],
+                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            f"train_{unit}_per_s": rate,
+                            "elapsed_s": now - start,
+                        },
+                    )
                 report.progress(step, mean_loss, rate)
                 loss_sum.zero_()
                 window_start, window_steps = now, 0
@@ -298,8 +336,26 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             if last:
                 break
         runtime = time.perf_counter() - start
-        summary = _summary(step, runtime, eval_time, totals, eval_loss, times, plan, tokens_per_sample,
-                           flops_per_sample, device, precision, topo, epoch_samples)
+        steady = None
+        if step > warm:
+            steady_wall = time.perf_counter() - steady_start - (eval_time - eval_time_at_warm)
+            steady = (step - warm, steady_wall)
+        summary = _summary(
+            step,
+            runtime,
+            eval_time,
+            totals,
+            eval_loss,
+            times,
+            steady,
+            plan,
+            tokens_per_sample,
+            flops_per_sample,
+            device,
+            precision,
+            topo,
+            epoch_samples,
+        )
         report.close()
         if topo.is_main:
             import json
@@ -314,16 +370,30 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         report.close()
 
 
-def _summary(steps: int, runtime: float, eval_time: float, totals: dict, eval_loss: float, times: mx.StepTimes,
-             plan: BatchPlan, tokens_per_sample: int | None, flops_per_sample: float | None, device: Device,
-             precision: Precision, topo: Topology, epoch_samples: int | None) -> dict[str, Any]:
+def _summary(
+    steps: int,
+    runtime: float,
+    eval_time: float,
+    totals: dict,
+    eval_loss: float,
+    times: mx.StepTimes,
+    steady: tuple[int, float] | None,
+    plan: BatchPlan,
+    tokens_per_sample: int | None,
+    flops_per_sample: float | None,
+    device: Device,
+    precision: Precision,
+    topo: Topology,
+    epoch_samples: int | None,
+) -> dict[str, Any]:
     samples = steps * plan.global_batch
     # Steady state: the steps after warm-up, without evaluation. Phase means are averaged
     # over ranks so a straggler's waiting shows up.
     phase = torch.tensor([times.mean(p) for p in mx.PHASES], dtype=torch.float64)
     ldist.all_reduce(phase, "avg")
-    step_s = sum(times.step_total) / max(1, times.measured) if times.measured else float("nan")
-    steady_samples_s = plan.global_batch / step_s if times.measured else float("nan")
+    # Steady state is the wall clock after warm-up, logging included, evaluation excluded.
+    step_s = steady[1] / steady[0] if steady else float("nan")
+    steady_samples_s = plan.global_batch / step_s if steady else float("nan")
     s: dict[str, Any] = {
         "train_runtime": runtime,
         "train_samples": samples,
@@ -340,7 +410,7 @@ def _summary(steps: int, runtime: float, eval_time: float, totals: dict, eval_lo
     if not math.isnan(eval_loss):
         s["eval_loss"] = eval_loss
         s["eval_runtime"] = eval_time
-    s["steady_steps_measured"] = times.measured
+    s["steady_steps_measured"] = steady[0] if steady else 0
     s["steady_step_time_ms"] = 1e3 * step_s
     s["steady_samples_per_second"] = steady_samples_s
     if tokens_per_sample:

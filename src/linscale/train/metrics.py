@@ -22,6 +22,11 @@ PHASE_NAMES = {
 }
 
 
+def warmup_steps(total_steps: int | None) -> int:
+    """Steps left out of steady-state figures: the first ones pay for allocation and caches."""
+    return min(5, max(1, (total_steps or 50) // 10))
+
+
 @dataclass
 class StepTimes:
     """Seconds spent in each phase of the optimizer steps after warm-up."""
@@ -81,8 +86,9 @@ def format_summary(summary: dict[str, Any], title: str = "train metrics") -> str
 class Reporter:
     """Rank 0's sinks. Construct with `enabled=False` on other ranks."""
 
-    def __init__(self, run_dir: Path, enabled: bool, progress: bool, tensorboard: bool, total_steps: int | None,
-                 unit: str) -> None:
+    def __init__(
+        self, run_dir: Path, enabled: bool, progress: bool, tensorboard: bool, total_steps: int | None, unit: str
+    ) -> None:
         self.enabled = enabled
         self.bar = None
         self.tb = None
