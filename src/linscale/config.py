@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 import types
 import typing
@@ -170,9 +171,11 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             if number != int(number):
                 raise ValueError
             return int(number)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise ConfigError(f"{name} expects an integer, got {value!r}") from None
     if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} expects a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -213,7 +216,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
             )
         key, sep, value = arg[2:].partition("=")
         if not sep:
-            if i + 1 >= len(args):
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
                 raise ConfigError(f"{arg} needs a value: {arg}=VALUE")
             value = args[i + 1]
             i += 1
@@ -277,7 +280,9 @@ def to_toml(data: dict[str, Any]) -> str:
             return repr(v)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(fmt(x) for x in v) + "]"
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # A JSON string is a valid TOML basic string: quotes, backslashes and control
+        # characters are escaped the same way.
+        return json.dumps(str(v), ensure_ascii=False)
 
     lines = []
     for section, values in data.items():

@@ -102,13 +102,16 @@ def _load_file(path: str, name: str) -> type:
     module = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = module
     # Let the task import modules that sit beside it.
-    sys.path.insert(0, str(file.resolve().parent))
+    folder = str(file.resolve().parent)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as e:
+        del sys.modules[mod_name]
         raise TaskError(f"task file {path!r} failed to import: {type(e).__name__}: {e}") from e
     finally:
-        sys.path.pop(0)
+        if folder in sys.path:
+            sys.path.remove(folder)
     return _attr(module, name, path)
 
 

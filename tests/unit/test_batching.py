@@ -61,11 +61,6 @@ def test_global_batch_error_proposes_valid_values(global_batch, replicas):
     assert set(proposed) == {v for v in (below, below + replicas) if v > 0}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG batching.plan_batch: the proposed global batches ignore the user's micro_batch "
-    "(30 over 4 replicas with micro_batch=4 proposes 28, which then fails: 7 samples per replica)",
-)
 def test_global_batch_proposals_valid_with_user_micro_batch():
     with pytest.raises(ValueError) as err:
         plan_batch(30, 4, 4)

@@ -169,11 +169,6 @@ def test_integer_spellings(text, value):
     assert type(cfg.train.max_steps) is int
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG config._coerce: int('inf') raises OverflowError, which the except ValueError does not catch",
-)
 @pytest.mark.parametrize("text", ["inf", "1e400"])
 def test_integer_field_rejects_infinity_with_config_error(text):
     with pytest.raises(ConfigError, match="train.max_steps expects an integer"):
@@ -342,11 +337,6 @@ def test_to_toml_round_trips_gpt_task_config():
     assert tomllib.loads(to_toml(data)) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=tomllib.TOMLDecodeError,
-    reason="BUG config.to_toml does not escape control characters, so a newline makes invalid TOML",
-)
 def test_to_toml_round_trips_strings_with_newlines():
     data = {"task": {"prompt": "def f():\n    return 1\n"}}
     assert tomllib.loads(to_toml(data)) == data

@@ -118,7 +118,9 @@ def test_cpu_peak_flops_come_from_the_probe(monkeypatch):
         ("NVIDIA H100 PCIe", "H100 PCIe"),
         ("NVIDIA H100 80GB HBM3", "H100"),
         ("NVIDIA A100-SXM4-80GB", "A100"),
-        ("NVIDIA A10G", "A10"),
+        ("NVIDIA A10", "A10"),
+        ("NVIDIA L40S", "L40S"),
+        ("NVIDIA L4", "L4"),
         ("NVIDIA L40S", "L40S"),
         ("NVIDIA L4", "L4"),
         ("Tesla V100-SXM2-16GB", "V100"),
@@ -134,15 +136,17 @@ def test_gpu_peak_table_most_specific_first(name, key):
     assert source == f"data sheet ({key})"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG device.GPU_PEAK_FLOPS: torch reports a V100 PCIe as 'Tesla V100-PCIE-16GB', which the key 'V100 PCIe' "
-    "(case and separator differ) never matches, so it gets the SXM2 figure",
-)
 def test_gpu_peak_v100_pcie_as_torch_names_it():
     value, source = devmod.Device("cuda", 0, "nccl", "Tesla V100-PCIE-16GB", 1).peak_flops("fp16")
     assert source == "data sheet (V100 PCIe)"
     assert value == dict(devmod.GPU_PEAK_FLOPS)["V100 PCIe"]["fp16"]
+
+
+@pytest.mark.parametrize("name", ["NVIDIA L40", "NVIDIA A10G", "Mystery GPU 9000"])
+def test_gpu_names_match_whole_words_only(name):
+    # "L4" must not claim an L40, nor "A10" an A10G: an unknown card says so instead.
+    value, source = devmod.Device("cuda", 0, "nccl", name, 1).peak_flops("fp32")
+    assert math.isnan(value) and "GPU_PEAK_FLOPS" in source
 
 
 def test_unknown_gpu_peak_is_nan():

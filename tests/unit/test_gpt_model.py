@@ -64,8 +64,8 @@ def test_train_flops_match_flop_counter(cfg, loss_kind):
 @pytest.mark.xfail(
     strict=True,
     reason="torch's FlopCounterMode has no formula for aten._scaled_dot_product_flash_attention_for_cpu, so with "
-    "the default CPU SDPA kernel attention FLOPs (4*T*d per token and layer, x3) are not counted; this also "
-    "makes linscale.train.loop.count_flops_per_sample undercount tasks that use SDPA on CPU",
+    "the default CPU SDPA kernel attention FLOPs (4*T*d per token and layer, x3) are not counted; which is why "
+    "linscale.train.loop.count_flops_per_sample counts with the math kernel (tests/unit/test_loop.py)",
 )
 @pytest.mark.parametrize("cfg", CONFIGS[:2], ids=IDS[:2])
 def test_train_flops_match_flop_counter_default_cpu_kernel(cfg):

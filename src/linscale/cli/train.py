@@ -76,7 +76,9 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
         nproc = args.nproc_per_node or local_device_count(cfg.runtime.device)
         if nproc < 1:
             raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
-        _validate_batch(task_cls, cfg, nproc)
+        from linscale.train.loop import make_task, plan_run
+
+        plan_run(make_task(task_cls, cfg), cfg, nproc)
         if nproc == 1:
             from linscale.train.loop import run
 
@@ -91,17 +93,6 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error("interrupted")
-
-
-def _validate_batch(task_cls: type, cfg: lconfig.RunConfig, replicas: int) -> None:
-    from linscale.train.batching import plan_batch, tokens_to_samples
-
-    if cfg.train.global_batch_tokens:
-        task = task_cls(cfg.task) if getattr(task_cls, "Config", None) is not None else task_cls()
-        samples = tokens_to_samples(cfg.train.global_batch_tokens, getattr(task, "tokens_per_sample", None))
-    else:
-        samples = cfg.train.global_batch
-    plan_batch(samples, replicas, cfg.train.micro_batch)
 
 
 def _worker_argv(argv: list[str], cfg: lconfig.RunConfig) -> list[str]:

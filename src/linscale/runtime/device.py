@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ import torch
 # A100: NVIDIA A100 data sheet (312 TF bf16/fp16, 19.5 TF fp32). V100: NVIDIA V100 data sheet
 # (SXM2 125 TF fp16 tensor, 15.7 TF fp32; PCIe 112/14). A10, L4, L40S, T4: NVIDIA product briefs.
 # RTX 4090 / 3090: NVIDIA Ada / Ampere architecture white papers (fp16 tensor with fp32 accumulate).
-# Keys are matched as substrings of the device name, most specific first.
+# Keys are matched as whole words of the device name, ignoring case and '-' vs ' ' (torch
+# names a V100 PCIe "Tesla V100-PCIE-16GB"), most specific first.
 GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
     ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
@@ -33,6 +35,14 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
     ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
 ]
+
+
+def _words(text: str) -> str:
+    return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
+
+
+def _name_matches(key: str, device_name: str) -> bool:
+    return _words(key) in _words(device_name)
 
 
 def cpu_cores() -> int:
@@ -113,7 +123,7 @@ class Device:
         """Peak FLOP/s of one device for `dtype` ("fp32"/"bf16") and where the figure comes from."""
         if self.type == "cuda":
             for key, table in GPU_PEAK_FLOPS:
-                if key in self.name:
+                if _name_matches(key, self.name):
                     value = table.get(dtype) or table.get("fp16") or table["fp32"]
                     return value, f"data sheet ({key})"
             return float("nan"), f"unknown GPU {self.name!r}: add it to GPU_PEAK_FLOPS"

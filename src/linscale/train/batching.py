@@ -35,11 +35,13 @@ def plan_batch(global_batch: int, replicas: int, micro_batch: int = 0) -> BatchP
     if global_batch < 1 or replicas < 1:
         raise ValueError(f"global batch ({global_batch}) and replicas ({replicas}) must be >= 1")
     if global_batch % replicas:
-        lo = global_batch // replicas * replicas
-        options = sorted({v for v in (lo, lo + replicas) if v > 0})
+        # Proposals keep the user's micro-batch valid too.
+        unit = replicas * (micro_batch or 1)
+        lo = global_batch // unit * unit
+        options = sorted({v for v in (lo, lo + unit) if v > 0})
         raise ValueError(
             f"train.global_batch={global_batch} does not divide over {replicas} replicas; "
-            f"use a multiple of {replicas}, for example " + " or ".join(f"--train.global_batch={v}" for v in options)
+            f"use a multiple of {unit}, for example " + " or ".join(f"--train.global_batch={v}" for v in options)
         )
     share = global_batch // replicas
     if micro_batch == 0:

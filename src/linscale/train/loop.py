@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -22,19 +23,23 @@ from linscale.runtime.topology import Topology
 from linscale.task import DataShard, Task, TaskError
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
-from linscale.train.optim import build_optimizer, build_scheduler
+from linscale.train.optim import build_optimizer, build_scheduler, check_schedule
 from linscale.train.precision import Precision, resolve_precision
 from linscale.train.rundir import default_run_dir, write_run_dir
 
 
-def global_batch_samples(cfg: RunConfig, task: Task) -> int:
+def make_task(task_cls: type, cfg: RunConfig) -> Task:
+    return task_cls(cfg.task) if getattr(task_cls, "Config", None) is not None else task_cls()
+
+
+def plan_run(task: Task, cfg: RunConfig, replicas: int) -> tuple[BatchPlan, int | None]:
+    """The batch split and the step limit, with every check that needs no process group."""
+    tokens_per_sample = getattr(task, "tokens_per_sample", None)
     if cfg.train.global_batch_tokens:
-        return tokens_to_samples(cfg.train.global_batch_tokens, task.tokens_per_sample)
-    return cfg.train.global_batch
-
-
-def step_limit(cfg: RunConfig, plan: BatchPlan, tokens_per_sample: int | None) -> int | None:
-    """Optimizer steps allowed by max_steps and max_tokens (None: only max_time bounds the run)."""
+        samples = tokens_to_samples(cfg.train.global_batch_tokens, tokens_per_sample)
+    else:
+        samples = cfg.train.global_batch
+    plan = plan_batch(samples, replicas, cfg.train.micro_batch)
     limits = []
     if cfg.train.max_steps:
         limits.append(cfg.train.max_steps)
@@ -42,7 +47,9 @@ def step_limit(cfg: RunConfig, plan: BatchPlan, tokens_per_sample: int | None) -
         if not tokens_per_sample:
             raise ValueError("train.max_tokens needs a task with tokens_per_sample; use train.max_steps")
         limits.append(math.ceil(cfg.train.max_tokens / (plan.global_batch * tokens_per_sample)))
-    return min(limits) if limits else None
+    total_steps = min(limits) if limits else None
+    check_schedule(cfg.optim, total_steps)
+    return plan, total_steps
 
 
 def to_device(batch: Any, device: torch.device, non_blocking: bool) -> Any:
@@ -107,7 +114,8 @@ def count_flops_per_sample(task: Task, model: nn.Module, data: Any, micro_batch:
     n = min(micro_batch, len(data))
     batch = torch.utils.data.default_collate([data[i] for i in range(n)])
     batch = to_device(batch, device.torch_device, False)
-    with FlopCounterMode(display=False) as counter:
+    # The math attention kernel: FlopCounterMode has no formula for the fused CPU kernel.
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         task.loss(model, batch).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops() / n
@@ -212,11 +220,9 @@ def run(task_spec: str, task_cls: type, cfg: RunConfig) -> dict[str, Any]:
 def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, device: Device) -> dict[str, Any]:
     tc = cfg.train
     precision = resolve_precision(cfg.runtime.precision, device)
-    task: Task = task_cls(cfg.task) if task_cls.Config is not None else task_cls()
+    task = make_task(task_cls, cfg)
     tokens_per_sample = getattr(task, "tokens_per_sample", None)
-    plan = plan_batch(global_batch_samples(cfg, task), topo.world_size, tc.micro_batch)
-    total_steps = step_limit(cfg, plan, tokens_per_sample)
-    build_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)]), cfg.optim, total_steps)  # validate early
+    plan, total_steps = plan_run(task, cfg, topo.world_size)
 
     run_dir = Path(cfg.log.dir) if cfg.log.dir else None
     if topo.is_main:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import json
 import math
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,29 +49,23 @@ class StepTimes:
         v = self.per_phase[phase]
         return sum(v) / len(v) if v else 0.0
 
-    def median_step(self) -> float:
-        return statistics.median(self.step_total) if self.step_total else float("nan")
-
-    def total(self) -> float:
-        return sum(self.step_total)
-
 
 def format_duration(seconds: float) -> str:
     """`83.456` -> `0:01:23.46`"""
-    whole = datetime.timedelta(seconds=int(seconds))
-    return f"{whole}.{int(round((seconds % 1) * 100)) % 100:02d}"
+    hundredths = round(seconds * 100)
+    return f"{datetime.timedelta(seconds=hundredths // 100)}.{hundredths % 100:02d}"
 
 
 def format_summary(summary: dict[str, Any], title: str = "train metrics") -> str:
     """The end-of-run block, in the style of the Hugging Face Trainer."""
-    width = max(len(k) for k in summary)
+    width = max((len(k) for k in summary), default=0)
     lines = [f"***** {title} *****"]
     for key, value in summary.items():
         if isinstance(value, float):
-            if key.endswith("runtime"):
-                text = format_duration(value)
-            elif math.isnan(value):
+            if math.isnan(value):
                 text = "n/a"
+            elif key.endswith("runtime"):
+                text = format_duration(value)
             elif abs(value) >= 1e5 or (0 < abs(value) < 1e-3):
                 text = f"{value:.4g}"
             else:

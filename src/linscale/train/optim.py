@@ -43,12 +43,16 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def build_scheduler(
-    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None
-) -> torch.optim.lr_scheduler.LambdaLR:
+def check_schedule(cfg: OptimConfig, total_steps: int | None) -> None:
     if cfg.schedule == "cosine" and not total_steps:
         raise ValueError(
             "optim.schedule=cosine needs a known number of steps: set train.max_steps or "
             "train.max_tokens, or use --optim.schedule=constant with train.max_time"
         )
+
+
+def build_scheduler(
+    opt: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int | None
+) -> torch.optim.lr_scheduler.LambdaLR:
+    check_schedule(cfg, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg, total_steps))

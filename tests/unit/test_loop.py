@@ -1,0 +1,43 @@
+"""Pieces of the training loop that need no process group."""
+
+import pytest
+import torch
+
+from linscale.config import ConfigError, load_config, parse_overrides
+from linscale.runtime.device import Device
+from linscale.tasks.gpt import GPTTask, GPTTaskConfig, TokenWindows
+from linscale.train.loop import count_flops_per_sample, make_task, plan_run
+
+CPU = Device("cpu", 0, "gloo", "cpu", 1)
+
+
+def test_counted_flops_include_attention_and_match_the_model_formula():
+    task = GPTTask(GPTTaskConfig(n_layer=2, d_model=32, n_head=4, block_size=16))
+    torch.manual_seed(0)
+    model = task.build_model()
+    data = TokenWindows(torch.randint(0, 256, (16 * 10 + 1,), dtype=torch.uint8).numpy(), 16)
+    counted = count_flops_per_sample(task, model, data, micro_batch=4, device=CPU)
+    assert counted == task.flops_per_sample()
+    assert all(p.grad is None for p in model.parameters()), "counting must leave no gradients behind"
+
+
+def test_override_value_cannot_be_the_next_option():
+    with pytest.raises(ConfigError, match="--log.dir needs a value"):
+        parse_overrides(["--log.dir", "--train.max_steps=3"])
+
+
+def _cfg(**train):
+    return load_config(None, {"train": {k: str(v) for k, v in train.items()}}, GPTTaskConfig)
+
+
+def test_plan_run_derives_steps_from_tokens_and_checks_the_schedule():
+    task = make_task(GPTTask, _cfg(max_tokens=10_000, global_batch=8))
+    plan, steps = plan_run(task, _cfg(max_tokens=10_000, global_batch=8), replicas=2)
+    assert (plan.micro_batch, plan.accum_steps) == (4, 1)
+    assert steps == -(-10_000 // (8 * 128))
+    both = _cfg(max_tokens=10_000, max_steps=3, global_batch=8)
+    assert plan_run(task, both, 2)[1] == 3
+    with pytest.raises(ValueError, match="optim.schedule=constant"):
+        plan_run(task, _cfg(max_time=5, global_batch=8), 2)
+    tokens = _cfg(global_batch_tokens=1024, max_steps=1)
+    assert plan_run(task, tokens, 1)[0].global_batch == 8
