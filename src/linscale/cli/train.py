@@ -9,7 +9,7 @@ import traceback
 from linscale import config as lconfig
 from linscale.runtime import topology
 from linscale.runtime.device import local_device_count
-from linscale.runtime.launch import LaunchError, LaunchSpec, spawn
+from linscale.runtime.launch import LaunchError, LaunchSpec, is_consequence, spawn
 from linscale.task import TaskError, resolve_task
 
 USER_ERRORS = (lconfig.ConfigError, TaskError, LaunchError, ValueError)
@@ -84,26 +84,21 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
             run(args.task, task_cls, cfg)
             return 0
+        from linscale.train.rundir import default_run_dir
+
+        # The launcher names the run directory so that every worker agrees on it.
+        run_dir = cfg.log.dir or str(default_run_dir(args.task))
+        worker_argv = argv if cfg.log.dir else [*argv, f"--log.dir={run_dir}"]
         spawn(
             LaunchSpec(nproc_per_node=nproc, master_addr=args.master_addr, master_port=args.master_port),
-            _worker_argv(argv, cfg),
+            worker_argv,
+            log_dir=f"{run_dir}/workers",
         )
         return 0
     except USER_ERRORS as e:
         return _error(str(e))
     except KeyboardInterrupt:
         return _error("interrupted")
-
-
-def _worker_argv(argv: list[str], cfg: lconfig.RunConfig) -> list[str]:
-    """The workers' command line: the user's, with the run directory fixed so all agree."""
-    from linscale.train.rundir import default_run_dir
-
-    out = list(argv)
-    if not cfg.log.dir:
-        task = next((a for a in argv[1:] if not a.startswith("-")), "gpt")
-        out.append(f"--log.dir={default_run_dir(task)}")
-    return out
 
 
 def _worker(args: argparse.Namespace, rest: list[str]) -> int:
@@ -118,7 +113,10 @@ def _worker(args: argparse.Namespace, rest: list[str]) -> int:
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
         rank = topology.detect().rank
-        if isinstance(e, USER_ERRORS):
+        if is_consequence(e):
+            # A peer died first; its own message says why.
+            print(f"linscale: rank {rank} stopped: a peer process failed ({e.__class__.__name__})", file=sys.stderr)
+        elif isinstance(e, USER_ERRORS):
             print(f"linscale: error on rank {rank}: {e}", file=sys.stderr, flush=True)
         else:
             print(f"linscale: rank {rank} failed:", file=sys.stderr, flush=True)

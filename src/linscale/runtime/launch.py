@@ -62,14 +62,17 @@ def _failure_message(err: Exception) -> str:
         if isinstance(message, dict):
             message = message.get("message", "")
         message = str(message or "").strip()
-        return "" if message in ("<N/A>",) or message.startswith("{") else message.splitlines()[-1]
+        return "" if message == "<N/A>" or message.startswith("{") else message
 
     # The cause is the earliest failure that is not a peer's lost connection: when one rank
     # dies, the others fail in their next collective, sometimes before the agent notices.
     ordered = sorted(failures.items(), key=lambda kv: kv[1].timestamp)
     causes = [kv for kv in ordered if not any(s in text_of(kv[1]) for s in CONSEQUENCES)]
     rank, first = (causes or ordered)[0]
-    detail = text_of(first)
+    # The exception's own line: first in an error file ("Type: message", then details),
+    # last in a plain traceback.
+    lines = [ln for ln in text_of(first).splitlines() if ln.strip()]
+    detail = (lines[-1] if lines[0].startswith("Traceback") else lines[0]) if lines else ""
     code = first.exitcode
     how = f"exit code {code}" if code >= 0 else f"signal {-code}"
     text = f"worker rank {rank} (pid {first.pid}) failed with {how}"
@@ -80,8 +83,16 @@ def _failure_message(err: Exception) -> str:
     return text + "; see the worker's output above"
 
 
-def spawn(spec: LaunchSpec, argv: list[str]) -> None:
-    """Run `python -m linscale <argv>` in `spec.nproc_per_node` worker processes and wait."""
+def is_consequence(error: BaseException) -> bool:
+    """True for the error a rank raises because a peer died, not because of its own fault."""
+    return any(s in str(error) for s in CONSEQUENCES)
+
+
+def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
+    """Run `python -m linscale <argv>` in `spec.nproc_per_node` worker processes and wait.
+
+    The agent's per-worker error files go under `log_dir`."""
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -102,6 +113,7 @@ def spawn(spec: LaunchSpec, argv: list[str]) -> None:
         rdzv_configs={"is_host": True},
         max_restarts=spec.max_restarts,
         monitor_interval=0.1,
+        logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         start_method="spawn",
     )
     try:
