@@ -87,6 +87,8 @@ def main() -> None:
         tokens = (args.steps - args.warmup) * args.global_batch * task_cfg.block_size
         print(json.dumps({"raw_tokens_per_second": tokens / elapsed}), flush=True)
     dist.destroy_process_group()
+    # As linscale's workers do: leave without interpreter teardown, which can abort in gloo.
+    os._exit(0)
 
 
 if __name__ == "__main__":

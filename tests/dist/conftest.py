@@ -92,3 +92,37 @@ def linscale(tmp_path):
         return Run(subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir)
 
     return run
+
+
+def _rank_entry(rank: int, fn, world: int, store_path: str, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(fn, world: int, tmp_path: Path, *args, timeout: float = 120) -> None:
+    """Run `fn(rank, world, *args)` in `world` gloo processes; fail on error or timeout, kill on exit.
+
+    `fn` must be importable (defined at module level)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_rank_entry, args=(fn, world, str(tmp_path / "store"), args), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{fn.__name__} did not finish within {timeout}s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+            p.join()

@@ -9,6 +9,7 @@ import traceback
 from linscale import config as lconfig
 from linscale.runtime import topology
 from linscale.runtime.device import local_device_count
+from linscale.runtime.dist import hard_exit
 from linscale.runtime.launch import LaunchError, LaunchSpec, is_consequence, spawn
 from linscale.task import TaskError, resolve_task
 
@@ -108,7 +109,6 @@ def _worker(args: argparse.Namespace, rest: list[str]) -> int:
     try:
         task_cls, cfg = prepare(args, rest)
         run(args.task, task_cls, cfg)
-        return 0
     except BaseException as e:  # noqa: BLE001 - every failure must reach the agent
         from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
@@ -122,7 +122,9 @@ def _worker(args: argparse.Namespace, rest: list[str]) -> int:
             print(f"linscale: rank {rank} failed:", file=sys.stderr, flush=True)
             traceback.print_exc()
         get_error_handler().record_exception(e)
-        from linscale.runtime.dist import hard_exit
-
         hard_exit(1)
-        return 1
+    # The process group is already destroyed; skipping the interpreter's teardown avoids
+    # an intermittent abort in gloo's threads at exit ("terminate called without an
+    # active exception") that would turn a finished job into a failed one.
+    hard_exit(0)
+    return 0

@@ -25,6 +25,7 @@ class CommClock:
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.process_group = process_group
         self.last_launch: float | None = None
+        self.launches = 0  # bucket reductions started, for tests and diagnostics
 
     def take(self) -> float | None:
         t, self.last_launch = self.last_launch, None
@@ -33,6 +34,7 @@ class CommClock:
 
 def _timed_allreduce(clock: CommClock, bucket: dist.GradBucket):
     clock.last_launch = time.perf_counter()
+    clock.launches += 1
     return default_hooks.allreduce_hook(clock.process_group, bucket)
 
 
