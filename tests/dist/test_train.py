@@ -68,6 +68,7 @@ def test_run_directory_holds_config_versions_metrics_and_tensorboard(linscale):
         *TINY_GPT,
         "--train.max_steps=6",
         "--train.log_every=2",
+        "--train.eval_every=4",
         "--nproc-per-node=2",
         "--train.global_batch=8",
     )
@@ -78,6 +79,8 @@ def test_run_directory_holds_config_versions_metrics_and_tensorboard(linscale):
     assert '"torch"' in info and '"git"' in info
     steps = [m["step"] for m in run.metrics() if "train_loss" in m]
     assert steps == [2, 4, 6]
+    # Periodic evaluation, and once more at the end.
+    assert [m["step"] for m in run.metrics() if "eval_loss" in m] == [4, 6]
     assert list((run.run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = run.summary()
     for key in (
@@ -178,3 +181,13 @@ def test_example_task_trains(linscale):
     assert run.returncode == 0, run.output
     losses = run.losses()
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_bf16_mixed_precision_trains(linscale):
+    run = linscale(
+        "train", "gpt", *TINY_GPT, "--runtime.precision=bf16-mixed", "--nproc-per-node=1",
+        "--train.global_batch=8", "--train.max_steps=4", "--train.log_every=1",
+    )
+    assert run.returncode == 0, run.output
+    assert run.summary()["precision"] == "bf16-mixed"
+    assert all(math.isfinite(v) for v in run.losses())
