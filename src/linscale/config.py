@@ -292,10 +292,15 @@ def to_toml(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def describe(cls: type, section: str) -> list[str]:
-    """Help lines for every field of a section."""
-    lines = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else "…"
-        lines.append(f"  --{section}.{f.name}={default!s:<10} {f.metadata.get('help', '')}")
-    return lines
+def describe(cfg: Any, section: str) -> list[str]:
+    """Help lines for every field of a section: `--section.field=value` (the value in effect
+    for `cfg`, an instance, or the default for a class), then the field's help text."""
+    rows = []
+    for f in dataclasses.fields(cfg):
+        if isinstance(cfg, type):
+            value = f.default if f.default is not dataclasses.MISSING else "(required)"
+        else:
+            value = getattr(cfg, f.name)
+        rows.append((f"--{section}.{f.name}={value}", f.metadata.get("help", "")))
+    width = max((len(r[0]) for r in rows), default=0)
+    return [f"  {flag:<{width}}  {text}".rstrip() for flag, text in rows]

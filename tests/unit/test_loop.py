@@ -41,3 +41,14 @@ def test_plan_run_derives_steps_from_tokens_and_checks_the_schedule():
         plan_run(task, _cfg(max_time=5, global_batch=8), 2)
     tokens = _cfg(global_batch_tokens=1024, max_steps=1)
     assert plan_run(task, tokens, 1)[0].global_batch == 8
+
+
+def test_help_lists_every_field_with_the_value_in_effect():
+    from linscale.config import TrainConfig, describe
+
+    cfg = load_config(None, {"train": {"max_steps": "7"}}, GPTTaskConfig, GPTTask.defaults)
+    lines = describe(cfg.train, "train")
+    assert len(lines) == len(TrainConfig.__dataclass_fields__)
+    assert any(line.split()[0] == "--train.max_steps=7" for line in lines)
+    assert any(line.split()[0] == "--train.eval_every=250" for line in lines)  # the task's default
+    assert describe(TrainConfig, "train")[0].split()[0] == "--train.global_batch=32"

@@ -23,4 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     args, rest = parser.parse_known_args(argv)
-    return args.func(args, rest, argv)
+    try:
+        return args.func(args, rest, argv)
+    except BrokenPipeError:  # output piped into `head`, say
+        sys.stderr.close()
+        return 0

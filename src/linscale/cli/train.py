@@ -43,13 +43,19 @@ def _error(msg: str) -> int:
     return 2
 
 
-def _help_config(task_cls: type | None) -> None:
+def _help_config(args: argparse.Namespace, rest: list[str]) -> None:
+    """Every setting with the value it would have for this task, file and overrides."""
+    try:
+        _, cfg = prepare(args, rest)
+    except USER_ERRORS as e:
+        print(f"(showing plain defaults: {e})")
+        cfg = None
     for name, cls in lconfig.SECTIONS.items():
         print(f"[{name}]")
-        print("\n".join(lconfig.describe(cls, name)))
-    if task_cls is not None and getattr(task_cls, "Config", None) is not None:
+        print("\n".join(lconfig.describe(getattr(cfg, name) if cfg else cls, name)))
+    if cfg is not None and cfg.task is not None:
         print("[task]")
-        print("\n".join(lconfig.describe(task_cls.Config, "task")))
+        print("\n".join(lconfig.describe(cfg.task, "task")))
 
 
 def prepare(args: argparse.Namespace, rest: list[str]) -> tuple[type, lconfig.RunConfig]:
@@ -64,11 +70,7 @@ def prepare(args: argparse.Namespace, rest: list[str]) -> tuple[type, lconfig.Ru
 
 def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     if args.help_config:
-        try:
-            task_cls = resolve_task(args.task)
-        except TaskError:
-            task_cls = None
-        _help_config(task_cls)
+        _help_config(args, rest)
         return 0
     if topology.under_torchrun():
         return _worker(args, rest)
