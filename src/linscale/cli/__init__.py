@@ -7,9 +7,12 @@ import sys
 
 from linscale import __version__
 
+# One module per subcommand; each defines add_parser(subparsers).
+SUBCOMMANDS = ("train",)
+
 
 def main(argv: list[str] | None = None) -> int:
-    from linscale.cli import train
+    import importlib
 
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
@@ -18,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"linscale {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    train.add_parser(sub)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"linscale.cli.{name}").add_parser(sub)
     if not argv:
         parser.print_help()
         return 2

@@ -72,7 +72,10 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     if args.help_config:
         _help_config(args, rest)
         return 0
-    if topology.under_torchrun():
+    topo = topology.detect()
+    # Under the elastic agent every process is a worker; under srun or mpirun each task is a
+    # worker too, unless --nproc-per-node asks it to be a node's launcher.
+    if topo.launcher == "torchrun" or (topo.distributed and not args.nproc_per_node):
         return _worker(args, rest)
     try:
         task_cls, cfg = prepare(args, rest)

@@ -17,10 +17,22 @@ def init(topo: Topology, device: Device, timeout_s: float) -> None:
     """Join the job's process group (a no-op for a single process)."""
     if not topo.distributed or dist.is_initialized():
         return
+    # The elastic agent hands its workers MASTER_ADDR/PORT, RANK and WORLD_SIZE (env://);
+    # under srun or mpirun the topology was read from their variables, so it is passed on.
+    init = (
+        {}
+        if topo.launcher == "torchrun"
+        else {
+            "init_method": f"tcp://{topo.master_addr}:{topo.master_port}",
+            "rank": topo.rank,
+            "world_size": topo.world_size,
+        }
+    )
     dist.init_process_group(
         backend=device.backend,
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device.torch_device if device.type == "cuda" else None,
+        **init,
     )
     assert dist.get_world_size() == topo.world_size, (dist.get_world_size(), topo)
 

@@ -20,7 +20,9 @@ class Topology:
     num_nodes: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0
-    launcher: str = "single"  # "single" (one process, no process group) or "torchrun"
+    # "single" (one process, no process group), "torchrun" (the elastic agent, ours or the
+    # user's), "slurm" (a task of srun) or "mpi" (a rank of mpirun/mpiexec).
+    launcher: str = "single"
 
     def __post_init__(self) -> None:
         assert 0 <= self.rank < self.world_size, self
@@ -33,6 +35,10 @@ class Topology:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def replicas_per_node(self) -> int:
+        return self.local_world_size
 
 
 def under_torchrun(env: Mapping[str, str] | None = None) -> bool:
