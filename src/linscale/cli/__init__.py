@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# torch's C++ warnings (socket retries with stack traces) bury linscale's own messages;
+# errors still show. Set TORCH_CPP_LOG_LEVEL=INFO to see everything.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from linscale import __version__
 

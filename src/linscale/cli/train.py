@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import traceback
 
 from linscale import config as lconfig
+from linscale.cli.common import add_launch_args, error, launch_spec, run_as_worker
 from linscale.runtime import topology
 from linscale.runtime.device import local_device_count
-from linscale.runtime.dist import hard_exit
-from linscale.runtime.launch import LaunchError, LaunchSpec, is_consequence, spawn
+from linscale.runtime.launch import LaunchError, spawn
 from linscale.task import TaskError, resolve_task
 
 USER_ERRORS = (lconfig.ConfigError, TaskError, LaunchError, ValueError)
@@ -26,21 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("task", nargs="?", default="gpt", help="the task to train (default: gpt)")
     p.add_argument("--config", help="a TOML file of settings ([train], [optim], [task], ...)")
-    p.add_argument(
-        "--nproc-per-node",
-        type=int,
-        default=0,
-        help="worker processes on this machine (default: one per GPU, or 2 on CPU)",
-    )
-    p.add_argument("--master-addr", default="127.0.0.1", help="rendezvous address (default: 127.0.0.1)")
-    p.add_argument("--master-port", type=int, default=0, help="rendezvous port (default: a free port)")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
+    add_launch_args(p)
     p.set_defaults(func=run_cli)
-
-
-def _error(msg: str) -> int:
-    print(f"linscale: error: {msg}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _help_config(args: argparse.Namespace, rest: list[str]) -> None:
@@ -79,13 +65,12 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
         return _worker(args, rest)
     try:
         task_cls, cfg = prepare(args, rest)
-        nproc = args.nproc_per_node or local_device_count(cfg.runtime.device)
-        if nproc < 1:
-            raise ValueError(f"--nproc-per-node must be >= 1, got {nproc}")
+        spec = launch_spec(args, args.nproc_per_node or local_device_count(cfg.runtime.device))
         from linscale.train.loop import make_task, plan_run
 
-        plan_run(make_task(task_cls, cfg), cfg, nproc)
-        if nproc == 1:
+        if spec.min_nodes == spec.max_nodes:  # an elastic job checks its batch once it knows its size
+            plan_run(make_task(task_cls, cfg), cfg, spec.nproc_per_node * spec.max_nodes)
+        if spec.nproc_per_node == 1 and not spec.multi_node:
             from linscale.train.loop import run
 
             run(args.task, task_cls, cfg)
@@ -95,41 +80,19 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
         # The launcher names the run directory so that every worker agrees on it.
         run_dir = cfg.log.dir or str(default_run_dir(args.task))
         worker_argv = argv if cfg.log.dir else [*argv, f"--log.dir={run_dir}"]
-        spawn(
-            LaunchSpec(nproc_per_node=nproc, master_addr=args.master_addr, master_port=args.master_port),
-            worker_argv,
-            log_dir=f"{run_dir}/workers",
-        )
+        spawn(spec, worker_argv, log_dir=f"{run_dir}/workers")
         return 0
     except USER_ERRORS as e:
-        return _error(str(e))
+        return error(str(e))
     except KeyboardInterrupt:
-        return _error("interrupted")
+        return error("interrupted")
 
 
 def _worker(args: argparse.Namespace, rest: list[str]) -> int:
-    """Inside a worker: train, and on failure record the error for the agent and exit hard."""
     from linscale.train.loop import run
 
-    try:
+    def body() -> None:
         task_cls, cfg = prepare(args, rest)
         run(args.task, task_cls, cfg)
-    except BaseException as e:  # noqa: BLE001 - every failure must reach the agent
-        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
-        rank = topology.detect().rank
-        if is_consequence(e):
-            # A peer died first; its own message says why.
-            print(f"linscale: rank {rank} stopped: a peer process failed ({e.__class__.__name__})", file=sys.stderr)
-        elif isinstance(e, USER_ERRORS):
-            print(f"linscale: error on rank {rank}: {e}", file=sys.stderr, flush=True)
-        else:
-            print(f"linscale: rank {rank} failed:", file=sys.stderr, flush=True)
-            traceback.print_exc()
-        get_error_handler().record_exception(e)
-        hard_exit(1)
-    # The process group is already destroyed; skipping the interpreter's teardown avoids
-    # an intermittent abort in gloo's threads at exit ("terminate called without an
-    # active exception") that would turn a finished job into a failed one.
-    hard_exit(0)
-    return 0
+    return run_as_worker(body, USER_ERRORS)

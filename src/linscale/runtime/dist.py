@@ -35,6 +35,48 @@ def init(topo: Topology, device: Device, timeout_s: float) -> None:
         **init,
     )
     assert dist.get_world_size() == topo.world_size, (dist.get_world_size(), topo)
+    _learn_peers(topo)
+
+
+# Where every rank lives, so that a lost connection can be named by node and rank.
+_PEERS: list[tuple[int, int, str, str]] = []  # (rank, node_rank, ip, hostname)
+
+
+def _learn_peers(topo: Topology) -> None:
+    import socket
+
+    from linscale.runtime.network import local_ip_toward
+
+    try:
+        ip = local_ip_toward(topo.master_addr)
+    except ValueError:
+        ip = "?"
+    box: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(box, (topo.rank, topo.node_rank, ip, socket.gethostname()))
+    _PEERS[:] = box
+
+
+def describe_lost_peer(error: BaseException) -> str:
+    """Name the node and ranks behind the peer address in a gloo/NCCL connection error."""
+    import re
+
+    text = str(error)
+    match = re.search(r"\[(?:::ffff:)?([0-9.]+)\]:\d+", text)
+    where = "a peer"
+    if match and _PEERS:
+        ip = match.group(1)
+        ranks = [r for r, _, addr, _ in _PEERS if addr == ip]
+        nodes = sorted({n for r, n, addr, _ in _PEERS if addr == ip})
+        if ranks:
+            node_text = "node " + ", ".join(map(str, nodes))
+            where = f"{node_text} ({ip}, rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+        else:
+            where = f"the peer at {ip}"
+    kind = "timed out" if "imeout" in text or "timed out" in text else "closed"
+    return (
+        f"peer lost: the connection to {where} {kind}: its processes ended or its link is down; "
+        "the first failing rank's own message, if any, is above"
+    )
 
 
 def active() -> bool:

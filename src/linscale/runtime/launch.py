@@ -7,6 +7,7 @@ each worker process. Workers see the torchrun variables and do not spawn again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -23,11 +24,64 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True)
 class LaunchSpec:
+    """How to start this node's workers and meet the other nodes.
+
+    Three forms: one node (no rendezvous address needed), static multi-node (`node_rank`
+    given: every node knows its rank and node 0's address), and elastic multi-node
+    (`rdzv_endpoint` given: nodes join a c10d rendezvous, between min_nodes and max_nodes).
+    """
+
     nproc_per_node: int
+    min_nodes: int = 1
+    max_nodes: int = 1
+    node_rank: int | None = None
     master_addr: str = "127.0.0.1"
-    master_port: int = 0  # 0 = pick a free port
-    device_type: str = "cpu"
+    master_port: int = 0  # 0 = pick a free port (one node only)
+    rdzv_endpoint: str = ""
+    join_timeout: float = 300.0
     max_restarts: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nproc_per_node < 1:
+            raise LaunchError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if not 1 <= self.min_nodes <= self.max_nodes:
+            raise LaunchError(f"--nnodes {self.min_nodes}:{self.max_nodes} is not a valid range (1 <= MIN <= MAX)")
+        if self.node_rank is not None:
+            if self.min_nodes != self.max_nodes:
+                raise LaunchError("--node-rank needs a fixed --nnodes N; --nnodes MIN:MAX goes with --rdzv-endpoint")
+            if not 0 <= self.node_rank < self.max_nodes:
+                raise LaunchError(
+                    f"--node-rank {self.node_rank} is outside 0..{self.max_nodes - 1} for --nnodes {self.max_nodes}"
+                )
+        if self.multi_node and not self.rdzv_endpoint and self.node_rank is None:
+            raise LaunchError(
+                f"--nnodes {self.max_nodes} needs --node-rank R (0 on the master node, 1..{self.max_nodes - 1} "
+                "on the others) with --master-addr, or --rdzv-endpoint HOST:PORT for an elastic job"
+            )
+
+    @property
+    def multi_node(self) -> bool:
+        return self.max_nodes > 1 or bool(self.rdzv_endpoint)
+
+
+DEFAULT_MASTER_PORT = 29500
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """`"2"` -> (2, 2); `"1:4"` -> (1, 4)."""
+    lo, _, hi = str(text).partition(":")
+    try:
+        pair = (int(lo), int(hi or lo))
+    except ValueError:
+        raise LaunchError(f"--nnodes expects N or MIN:MAX (for example 2 or 1:4), got {text!r}") from None
+    return pair
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LaunchError(f"--rdzv-endpoint expects HOST:PORT (for example node01:29500), got {endpoint!r}")
+    return host, int(port)
 
 
 def check_port_free(addr: str, port: int) -> None:
@@ -44,6 +98,7 @@ def check_port_free(addr: str, port: int) -> None:
 
 # Errors a rank reports when a peer died first.
 CONSEQUENCES = (
+    "peer lost:",
     "Connection closed by peer",
     "Connection reset by peer",
     "Broken pipe",
@@ -88,6 +143,131 @@ def is_consequence(error: BaseException) -> bool:
     return any(s in str(error) for s in CONSEQUENCES)
 
 
+def wait_reachable(host: str, port: int, timeout: float) -> None:
+    """Connect to host:port until it accepts or `timeout` seconds pass (then OSError)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            # Not up yet (refused) or not answering: try again shortly, as TCPStore does.
+            time.sleep(0.2)
+
+
+def roll_call(spec: LaunchSpec, local_ip: str) -> None:
+    """Before the agents start, every node checks in with node 0 on master_port + 1.
+
+    It turns the two classic multi-node hangs into messages: node 0 names the node ranks
+    that never joined, and a node that cannot reach the master says so and from where.
+    """
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    assert spec.node_rank is not None
+    port = spec.master_port + 1
+    timeout = timedelta(seconds=spec.join_timeout)
+    nodes = range(spec.max_nodes)
+    try:
+        if spec.node_rank != 0:
+            wait_reachable(spec.master_addr, port, spec.join_timeout)
+        store = TCPStore(spec.master_addr, port, None, spec.node_rank == 0, timeout, wait_for_workers=False)
+    except Exception as e:  # noqa: BLE001 - DistNetworkError and friends
+        if spec.node_rank == 0:
+            raise LaunchError(f"node 0 cannot listen on port {port} for the roll call: {e}") from None
+        raise LaunchError(
+            f"node {spec.node_rank} ({local_ip}) cannot reach the master {spec.master_addr}:{port} within "
+            f"{spec.join_timeout:.0f}s; check that --master-addr is node 0's address as seen from this node, "
+            "that node 0 is started with the same --master-port, and that no firewall blocks the port"
+        ) from None
+    if store.add(f"claims/{spec.node_rank}", 1) > 1:
+        raise LaunchError(f"two nodes were started with --node-rank {spec.node_rank}; give each node its own rank")
+    store.set(f"node/{spec.node_rank}", f"{socket.gethostname()} {local_ip}")
+    try:
+        if spec.node_rank == 0:
+            try:
+                store.wait([f"node/{r}" for r in nodes], timeout)
+            except Exception:  # noqa: BLE001 - a timeout
+                missing = [r for r in nodes if not store.check([f"node/{r}"])]
+                raise LaunchError(
+                    f"node(s) {', '.join(map(str, missing))} of {spec.max_nodes} did not join within "
+                    f"{spec.join_timeout:.0f}s at {spec.master_addr}:{spec.master_port}; start linscale on "
+                    "every node with the same --nnodes, --master-addr and --master-port"
+                ) from None
+            store.set("all_joined", "1")
+            store.wait([f"ack/{r}" for r in nodes if r], timeout)  # keep the store up until all have read
+        else:
+            try:
+                store.wait(["all_joined"], timeout)
+            except Exception:  # noqa: BLE001 - a timeout
+                raise LaunchError(
+                    f"not every node joined within {spec.join_timeout:.0f}s; node 0's output names the missing ones"
+                ) from None
+            store.set(f"ack/{spec.node_rank}", "1")
+    finally:
+        del store
+
+
+def _network_env(local_ip: str) -> None:
+    """Point gloo and NCCL at the interface that reaches the master, unless the user chose one."""
+    from linscale.runtime.network import interface_for
+
+    iface = interface_for(local_ip)
+    if iface is None:
+        return
+    for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+        os.environ.setdefault(var, iface)
+
+
+def _rendezvous(spec: LaunchSpec) -> dict:
+    """The LaunchConfig fields that say how this node meets the others."""
+    from linscale.runtime.network import is_local_address, local_ip_toward
+
+    if not spec.multi_node:
+        if spec.master_port:
+            check_port_free(spec.master_addr, spec.master_port)
+        return dict(
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"{spec.master_addr}:{spec.master_port}",
+            rdzv_configs={"is_host": True},
+            run_id=f"linscale-{uuid.uuid4().hex[:8]}",
+        )
+    if spec.rdzv_endpoint:
+        host, port = split_endpoint(spec.rdzv_endpoint)
+        local_ip = local_ip_toward(host)
+        is_host = is_local_address(host)
+        if is_host:
+            check_port_free("0.0.0.0", port)
+        _network_env(local_ip)
+        return dict(
+            rdzv_backend="c10d",
+            rdzv_endpoint=spec.rdzv_endpoint,
+            rdzv_configs={"is_host": is_host, "join_timeout": spec.join_timeout},
+            run_id=f"linscale-{host}-{port}",
+            local_addr=local_ip,
+        )
+    port = spec.master_port or DEFAULT_MASTER_PORT
+    spec = dataclasses.replace(spec, master_port=port)
+    local_ip = local_ip_toward(spec.master_addr)
+    if spec.node_rank == 0:
+        for p in (port, port + 1):
+            check_port_free("0.0.0.0", p)
+    roll_call(spec, local_ip)
+    _network_env(local_ip)
+    return dict(
+        rdzv_backend="static",
+        rdzv_endpoint=f"{spec.master_addr}:{port}",
+        rdzv_configs={"rank": spec.node_rank, "timeout": int(spec.join_timeout)},
+        run_id=f"linscale-{spec.master_addr}-{port}",
+        local_addr=local_ip,
+    )
+
+
 def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
     """Run `python -m linscale <argv>` in `spec.nproc_per_node` worker processes and wait.
 
@@ -96,22 +276,21 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if spec.master_port:
-        check_port_free(spec.master_addr, spec.master_port)
+    try:
+        rendezvous = _rendezvous(spec)
+    except ValueError as e:  # an address that does not resolve or route
+        raise LaunchError(str(e)) from None
     # Each worker gets its share of the cores, so the processes do not oversubscribe them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // spec.nproc_per_node)))
     # Restarts with gloo are flaky when the rendezvous shares its TCP store with the workers.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
+        min_nodes=spec.min_nodes,
+        max_nodes=spec.max_nodes,
         nproc_per_node=spec.nproc_per_node,
-        run_id=f"linscale-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint=f"{spec.master_addr}:{spec.master_port}",
-        rdzv_configs={"is_host": True},
         max_restarts=spec.max_restarts,
+        **rendezvous,
         monitor_interval=0.1,
         logs_specs=DefaultLogsSpecs(log_dir=log_dir),
         start_method="spawn",
@@ -120,3 +299,5 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
         elastic_launch(config, sys.executable)("-m", "linscale", *argv)
     except ChildFailedError as e:
         raise LaunchError(_failure_message(e)) from None
+    except Exception as e:  # noqa: BLE001 - the agent itself failed: rendezvous, a lost store
+        raise LaunchError(f"the launcher on this node failed: {type(e).__name__}: {e}") from None
