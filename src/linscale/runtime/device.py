@@ -114,6 +114,22 @@ class Device:
             return torch.cuda.is_bf16_supported()
         return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
+    def matmul_rate(self, dtype: str = "fp32", size: int = 1024, reps: int = 6) -> float:
+        """Best-of-`reps` FLOP/s of a size x size matrix product on this device."""
+        tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        a = torch.randn(size, size, dtype=tdtype, device=self.torch_device)
+        b = torch.randn(size, size, dtype=tdtype, device=self.torch_device)
+        for _ in range(2):
+            a @ b
+        self.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            a @ b
+            self.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * size**3 / best
+
     def max_memory_allocated(self) -> int | None:
         if self.type == "cuda":
             return torch.cuda.max_memory_allocated(self.index)
@@ -128,6 +144,9 @@ class Device:
                     return value, f"data sheet ({key})"
             return float("nan"), f"unknown GPU {self.name!r}: add it to GPU_PEAK_FLOPS"
         return measure_cpu_peak(dtype, self.threads), f"matmul probe, {self.threads} thread(s)"
+
+
+CPU = Device("cpu", 0, "gloo", _cpu_name(), 0)
 
 
 def resolve(kind: str, local_rank: int, threads_per_proc: int, local_world_size: int) -> Device:
@@ -158,17 +177,7 @@ def measure_cpu_peak(dtype: str, threads: int, size: int = 1024, reps: int = 6) 
         known = {}
     if key in known:
         return float(known[key])
-    tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    a = torch.randn(size, size, dtype=tdtype)
-    b = torch.randn(size, size, dtype=tdtype)
-    for _ in range(2):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    value = 2 * size**3 / best
+    value = CPU.matmul_rate(dtype, size, reps)
     known[key] = value
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
