@@ -1,5 +1,6 @@
 """Running `linscale train` as a user would, with a timeout and a check for stray processes."""
 
+import contextlib
 import json
 import os
 import signal
@@ -55,21 +56,27 @@ class Run:
         return [m["train_loss"] for m in self.metrics() if "train_loss" in m]
 
 
-@pytest.fixture
-def linscale(tmp_path):
-    """Run `linscale ARGS...`; fails the test on timeout and if any process is left behind."""
-    counter = iter(range(1000))
+class Started:
+    """A `linscale` command running in the background; `finish()` waits, checks and cleans up."""
 
-    def run(*args: str, timeout: float = 240, env: dict | None = None, cwd: Path | None = None) -> Run:
-        tag = uuid.uuid4().hex
-        run_dir = tmp_path / f"run{next(counter)}"
-        full_env = {**os.environ, "LINSCALE_TEST_TAG": tag, "XDG_CACHE_HOME": str(tmp_path / "cache"), **(env or {})}
-        full_env.pop("RANK", None), full_env.pop("LOCAL_RANK", None), full_env.pop("TORCHELASTIC_RUN_ID", None)
-        cmd = [sys.executable, "-m", "linscale", *args]
+    def __init__(
+        self, args: tuple[str, ...], tmp_path: Path, run_dir: Path, env: dict | None, cwd: Path | None, timeout: float
+    ) -> None:
+        self.args, self.run_dir, self.timeout = args, run_dir, timeout
+        self.tag = uuid.uuid4().hex
+        full_env = {
+            **os.environ,
+            "LINSCALE_TEST_TAG": self.tag,
+            "XDG_CACHE_HOME": str(tmp_path / "cache"),
+            **(env or {}),
+        }
+        for var in ("RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+            full_env.pop(var, None)
+        self.cmd = [sys.executable, "-m", "linscale", *args]
         if args and args[0] == "train" and not any(a.startswith("--log.dir") for a in args):
-            cmd.append(f"--log.dir={run_dir}")
-        proc = subprocess.Popen(
-            cmd,
+            self.cmd.append(f"--log.dir={run_dir}")
+        self.proc = subprocess.Popen(
+            self.cmd,
             cwd=cwd or ROOT,
             env=full_env,
             stdout=subprocess.PIPE,
@@ -77,19 +84,51 @@ def linscale(tmp_path):
             text=True,
             start_new_session=True,
         )
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            for pid in _procs_with_tag(tag):
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        for pid in _procs_with_tag(self.tag):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            pytest.fail(f"linscale {' '.join(args)} did not finish in {timeout}s:\n{out}\n{err}")
-        left = _procs_with_tag(tag)
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
+
+    def finish(self) -> Run:
+        try:
+            out, err = self.proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            out, err = self.proc.communicate()
+            pytest.fail(f"linscale {' '.join(self.args)} did not finish in {self.timeout}s:\n{out}\n{err}")
+        left = _procs_with_tag(self.tag)
+        self.kill()
         assert not left, f"processes left behind after linscale exited: {left}"
-        return Run(subprocess.CompletedProcess(cmd, proc.returncode, out, err), run_dir)
+        return Run(subprocess.CompletedProcess(self.cmd, self.proc.returncode, out, err), self.run_dir)
+
+
+@pytest.fixture
+def linscale_bg(tmp_path):
+    """Start `linscale ARGS...` in the background: `start(*args) -> Started`; all are killed at the end."""
+    counter = iter(range(1000))
+    started: list[Started] = []
+
+    def start(
+        *args: str, timeout: float = 240, env: dict | None = None, cwd: Path | None = None, run_dir: Path | None = None
+    ) -> Started:
+        s = Started(args, tmp_path, run_dir or tmp_path / f"bg{next(counter)}", env, cwd, timeout)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.kill()
+
+
+@pytest.fixture
+def linscale(linscale_bg):
+    """Run `linscale ARGS...`; fails the test on timeout and if any process is left behind."""
+
+    def run(*args: str, timeout: float = 240, env: dict | None = None, cwd: Path | None = None) -> Run:
+        return linscale_bg(*args, timeout=timeout, env=env, cwd=cwd).finish()
 
     return run
 
@@ -114,8 +153,9 @@ def spawn_ranks(fn, world: int, tmp_path: Path, *args, timeout: float = 120) -> 
 
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_rank_entry, args=(fn, world, str(tmp_path / "store"), args), nprocs=world,
-                             join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_entry, args=(fn, world, str(tmp_path / "store"), args), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):

@@ -185,8 +185,14 @@ def test_example_task_trains(linscale):
 
 def test_bf16_mixed_precision_trains(linscale):
     run = linscale(
-        "train", "gpt", *TINY_GPT, "--runtime.precision=bf16-mixed", "--nproc-per-node=1",
-        "--train.global_batch=8", "--train.max_steps=4", "--train.log_every=1",
+        "train",
+        "gpt",
+        *TINY_GPT,
+        "--runtime.precision=bf16-mixed",
+        "--nproc-per-node=1",
+        "--train.global_batch=8",
+        "--train.max_steps=4",
+        "--train.log_every=1",
     )
     assert run.returncode == 0, run.output
     assert run.summary()["precision"] == "bf16-mixed"
