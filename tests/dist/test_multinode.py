@@ -74,14 +74,23 @@ def test_an_unreachable_master_is_reported_from_the_node(linscale):
     assert "--master-addr" in run.stderr
 
 
-def test_two_nodes_with_the_same_rank_are_refused(linscale_bg):
+def _until(started, text: str) -> None:
+    """Read a background run's output until `text` appears (the run is under way)."""
+    for line in started.proc.stdout:
+        if text in line:
+            return
+    pytest.fail(f"the run ended before printing {text!r}")
+
+
+def test_a_second_node_with_a_taken_rank_is_refused(linscale, linscale_bg):
     port = free_port_pair()
-    first = linscale_bg(*node(0, 2, port, "--train.max_steps=2", "--join-timeout=20"), timeout=90)
-    twins = [linscale_bg(*node(1, 2, port, "--train.max_steps=2", "--join-timeout=20"), timeout=90) for _ in (0, 1)]
-    results = [t.finish() for t in twins]
-    refused = [r for r in results if "two nodes were started with --node-rank 1" in r.stderr]
-    assert len(refused) == 1 and refused[0].returncode != 0
-    assert first.finish().returncode == 0
+    args = ["--train.max_steps=100000", "--train.eval_every=3"]
+    head = linscale_bg(*node(0, 2, port, *args), timeout=120)
+    linscale_bg(*node(1, 2, port, *args), timeout=120)
+    _until(head, "step 3: eval_loss")
+    twin = linscale(*node(1, 2, port, *args, "--join-timeout=20"), timeout=60)
+    assert twin.returncode != 0
+    assert "two nodes were started with --node-rank 1" in twin.stderr
 
 
 def test_a_lost_node_ends_the_job_with_a_message(linscale_bg):
@@ -89,10 +98,7 @@ def test_a_lost_node_ends_the_job_with_a_message(linscale_bg):
     args = ["--train.max_steps=100000", "--train.eval_every=3", "--runtime.timeout=60"]
     head = linscale_bg(*node(0, 2, port, *args), timeout=120)
     other = linscale_bg(*node(1, 2, port, *args), timeout=120)
-    # Wait until training is under way (rank 0 prints the step-3 evaluation), then kill node 1.
-    for line in head.proc.stdout:
-        if "step 3: eval_loss" in line:
-            break
+    _until(head, "step 3: eval_loss")  # training is under way
     other.kill()
     run = head.finish()
     assert run.returncode != 0

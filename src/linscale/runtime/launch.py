@@ -159,11 +159,13 @@ def wait_reachable(host: str, port: int, timeout: float) -> None:
             time.sleep(0.2)
 
 
-def roll_call(spec: LaunchSpec, local_ip: str) -> None:
+def roll_call(spec: LaunchSpec, local_ip: str) -> object | None:
     """Before the agents start, every node checks in with node 0 on master_port + 1.
 
     It turns the two classic multi-node hangs into messages: node 0 names the node ranks
     that never joined, and a node that cannot reach the master says so and from where.
+    Node 0 returns its store, to be kept open while the job runs, so that a node started
+    late or twice is told so instead of waiting.
     """
     from datetime import timedelta
 
@@ -188,29 +190,25 @@ def roll_call(spec: LaunchSpec, local_ip: str) -> None:
     if store.add(f"claims/{spec.node_rank}", 1) > 1:
         raise LaunchError(f"two nodes were started with --node-rank {spec.node_rank}; give each node its own rank")
     store.set(f"node/{spec.node_rank}", f"{socket.gethostname()} {local_ip}")
+    if spec.node_rank == 0:
+        try:
+            store.wait([f"node/{r}" for r in nodes], timeout)
+        except Exception:  # noqa: BLE001 - a timeout
+            missing = [r for r in nodes if not store.check([f"node/{r}"])]
+            raise LaunchError(
+                f"node(s) {', '.join(map(str, missing))} of {spec.max_nodes} did not join within "
+                f"{spec.join_timeout:.0f}s at {spec.master_addr}:{spec.master_port}; start linscale on "
+                "every node with the same --nnodes, --master-addr and --master-port"
+            ) from None
+        store.set("all_joined", "1")
+        return store
     try:
-        if spec.node_rank == 0:
-            try:
-                store.wait([f"node/{r}" for r in nodes], timeout)
-            except Exception:  # noqa: BLE001 - a timeout
-                missing = [r for r in nodes if not store.check([f"node/{r}"])]
-                raise LaunchError(
-                    f"node(s) {', '.join(map(str, missing))} of {spec.max_nodes} did not join within "
-                    f"{spec.join_timeout:.0f}s at {spec.master_addr}:{spec.master_port}; start linscale on "
-                    "every node with the same --nnodes, --master-addr and --master-port"
-                ) from None
-            store.set("all_joined", "1")
-            store.wait([f"ack/{r}" for r in nodes if r], timeout)  # keep the store up until all have read
-        else:
-            try:
-                store.wait(["all_joined"], timeout)
-            except Exception:  # noqa: BLE001 - a timeout
-                raise LaunchError(
-                    f"not every node joined within {spec.join_timeout:.0f}s; node 0's output names the missing ones"
-                ) from None
-            store.set(f"ack/{spec.node_rank}", "1")
-    finally:
-        del store
+        store.wait(["all_joined"], timeout)
+    except Exception:  # noqa: BLE001 - a timeout
+        raise LaunchError(
+            f"not every node joined within {spec.join_timeout:.0f}s; node 0's output names the missing ones"
+        ) from None
+    return None
 
 
 def _network_env(local_ip: str) -> None:
@@ -224,8 +222,9 @@ def _network_env(local_ip: str) -> None:
         os.environ.setdefault(var, iface)
 
 
-def _rendezvous(spec: LaunchSpec) -> dict:
-    """The LaunchConfig fields that say how this node meets the others."""
+def _rendezvous(spec: LaunchSpec) -> tuple[dict, object | None]:
+    """The LaunchConfig fields that say how this node meets the others, and anything that
+    must stay alive while the job runs (node 0's roll-call store)."""
     from linscale.runtime.network import is_local_address, local_ip_toward
 
     if not spec.multi_node:
@@ -236,7 +235,7 @@ def _rendezvous(spec: LaunchSpec) -> dict:
             rdzv_endpoint=f"{spec.master_addr}:{spec.master_port}",
             rdzv_configs={"is_host": True},
             run_id=f"linscale-{uuid.uuid4().hex[:8]}",
-        )
+        ), None
     if spec.rdzv_endpoint:
         host, port = split_endpoint(spec.rdzv_endpoint)
         local_ip = local_ip_toward(host)
@@ -250,14 +249,14 @@ def _rendezvous(spec: LaunchSpec) -> dict:
             rdzv_configs={"is_host": is_host, "join_timeout": spec.join_timeout},
             run_id=f"linscale-{host}-{port}",
             local_addr=local_ip,
-        )
+        ), None
     port = spec.master_port or DEFAULT_MASTER_PORT
     spec = dataclasses.replace(spec, master_port=port)
     local_ip = local_ip_toward(spec.master_addr)
     if spec.node_rank == 0:
         for p in (port, port + 1):
             check_port_free("0.0.0.0", p)
-    roll_call(spec, local_ip)
+    keep = roll_call(spec, local_ip)
     _network_env(local_ip)
     return dict(
         rdzv_backend="static",
@@ -265,7 +264,7 @@ def _rendezvous(spec: LaunchSpec) -> dict:
         rdzv_configs={"rank": spec.node_rank, "timeout": int(spec.join_timeout)},
         run_id=f"linscale-{spec.master_addr}-{port}",
         local_addr=local_ip,
-    )
+    ), keep
 
 
 def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
@@ -277,7 +276,7 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     try:
-        rendezvous = _rendezvous(spec)
+        rendezvous, keepalive = _rendezvous(spec)
     except ValueError as e:  # an address that does not resolve or route
         raise LaunchError(str(e)) from None
     # Each worker gets its share of the cores, so the processes do not oversubscribe them.
@@ -301,3 +300,5 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
         raise LaunchError(_failure_message(e)) from None
     except Exception as e:  # noqa: BLE001 - the agent itself failed: rendezvous, a lost store
         raise LaunchError(f"the launcher on this node failed: {type(e).__name__}: {e}") from None
+    finally:
+        del keepalive
