@@ -23,10 +23,11 @@ import importlib.util
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the CLI resolves tasks before torch is imported
+    import torch
+    from torch import nn
 
 BUILTIN_TASKS = {"gpt": "linscale.tasks.gpt:GPTTask"}
 

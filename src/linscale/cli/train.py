@@ -7,7 +7,6 @@ import argparse
 from linscale import config as lconfig
 from linscale.cli.common import add_launch_args, error, launch_spec, run_as_worker
 from linscale.runtime import topology
-from linscale.runtime.device import local_device_count
 from linscale.runtime.launch import LaunchError, spawn
 from linscale.task import TaskError, resolve_task
 
@@ -65,6 +64,8 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
         return _worker(args, rest)
     try:
         task_cls, cfg = prepare(args, rest)
+        from linscale.runtime.device import local_device_count
+
         spec = launch_spec(args, args.nproc_per_node or local_device_count(cfg.runtime.device))
         from linscale.train.loop import make_task, plan_run
 

@@ -15,8 +15,6 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from linscale.runtime.device import cpu_cores
-
 
 class LaunchError(RuntimeError):
     """The job could not be launched, or a worker failed; the message says which and why."""
@@ -87,6 +85,9 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 def check_port_free(addr: str, port: int) -> None:
     """Fail early, with the fix, when the rendezvous port is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers do: a port held only by connections in TIME_WAIT from a previous run is free,
+        # while one with a listener is still refused.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((addr, port))
         except OSError as e:
@@ -279,6 +280,8 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
         rendezvous, keepalive = _rendezvous(spec)
     except ValueError as e:  # an address that does not resolve or route
         raise LaunchError(str(e)) from None
+    from linscale.runtime.device import cpu_cores
+
     # Each worker gets its share of the cores, so the processes do not oversubscribe them.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // spec.nproc_per_node)))
     # Restarts with gloo are flaky when the rendezvous shares its TCP store with the workers.
