@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -318,8 +319,10 @@ def test_cli_run_passes_the_command(capsys, fake_cluster):
 def test_cli_train_and_doctor_command_lines(capsys, fake_cluster):
     assert cli(capsys, "train", "--master-port", "29600", "gpt", "--train.max_steps=5", "--config", "a.toml")[0] == 0
     cmds = fake_cluster[-1].cmds
+    # Without --nproc-per-node each emulated node gets its share of this machine's cores.
+    share = f"--nproc-per-node={max(1, len(os.sched_getaffinity(0)) // 2)}"
     assert cmds[1] == node_command(
-        "train", ["gpt", "--train.max_steps=5", "--config", "a.toml"], 2, 1, "10.213.0.1", 29600
+        "train", ["gpt", "--train.max_steps=5", "--config", "a.toml", share], 2, 1, "10.213.0.1", 29600
     )
     assert cmds[0][-6:] == ["--node-rank", "0", "--master-addr", "10.213.0.1", "--master-port", "29600"]
     assert cli(capsys, "doctor", "--", "--nproc-per-node=1", "--budget=1.0")[0] == 0

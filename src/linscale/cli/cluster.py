@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -208,6 +209,10 @@ def _job(args: argparse.Namespace, rest: list[str]) -> int:
     linscale_args = [args.task, *extra] if args.action == "train" else extra
     check_host()
     c = Cluster.open(args.name)
+    if not any(a.split("=")[0] == "--nproc-per-node" for a in linscale_args):
+        # The emulated nodes share this machine's cores: without a GPU, give each node its share.
+        cores = len(os.sched_getaffinity(0))
+        linscale_args.append(f"--nproc-per-node={max(1, cores // c.nodes)}")
 
     def cmd(rank: int) -> list[str]:
         return node_command(args.action, linscale_args, c.nodes, rank, c.master_addr, args.master_port)
