@@ -81,3 +81,26 @@ def run_as_worker(body: Callable[[], None], user_errors: tuple[type[BaseExceptio
     # active exception") that would turn a finished job into a failed one.
     hard_exit(0)
     return 0
+
+
+def role(args: argparse.Namespace) -> str:
+    """ "worker" or "launcher" for this process (ValueError when the launcher's variables are wrong).
+
+    Under the elastic agent every process is a worker. Under srun or mpirun each task of a
+    several-task job is a worker too, unless --nproc-per-node makes it its node's launcher; a
+    lone task (an interactive `srun --pty bash`, say) launches like a plain command."""
+    from linscale.runtime import topology
+
+    topo = topology.detect()
+    if topo.launcher == "torchrun" or (topo.distributed and topo.world_size > 1 and not args.nproc_per_node):
+        return "worker"
+    return "launcher"
+
+
+def check_launcher(spec: LaunchSpec) -> None:
+    """Under srun or mpirun with --nproc-per-node, one task per node and as many as --nnodes."""
+    from linscale.runtime import topology
+
+    topo = topology.detect()
+    if topo.distributed:
+        topology.check_node_launchers(topo, spec.min_nodes, spec.max_nodes)

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from linscale.cli.common import add_launch_args, error, launch_spec, run_as_worker
+from linscale.cli.common import add_launch_args, check_launcher, error, launch_spec, role, run_as_worker
 from linscale.runtime import topology
 from linscale.runtime.launch import LaunchError, spawn
 
@@ -38,13 +38,13 @@ def cache_path() -> Path:
 def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     if rest:
         return error(f"unrecognised arguments: {' '.join(rest)}")
-    topo = topology.detect()
-    if topo.launcher == "torchrun" or (topo.distributed and not args.nproc_per_node):
-        return run_as_worker(lambda: _checks(args), (ValueError, LaunchError))
     try:
+        if role(args) == "worker":
+            return run_as_worker(lambda: _checks(args), (ValueError, LaunchError))
         from linscale.runtime.device import local_device_count
 
         spec = launch_spec(args, args.nproc_per_node or local_device_count())
+        check_launcher(spec)
         output = args.output or f"runs/doctor-{time.strftime('%Y%m%d-%H%M%S')}.json"
         worker_argv = argv if args.output else [*argv, f"--output={output}"]
         spawn(spec, worker_argv, log_dir=str(Path(output).with_suffix("")) + "-workers")

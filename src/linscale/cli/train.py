@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from linscale import config as lconfig
-from linscale.cli.common import add_launch_args, error, launch_spec, run_as_worker
-from linscale.runtime import topology
+from linscale.cli.common import add_launch_args, check_launcher, error, launch_spec, role, run_as_worker
 from linscale.runtime.launch import LaunchError, spawn
 from linscale.task import TaskError, resolve_task
 
@@ -57,16 +56,14 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     if args.help_config:
         _help_config(args, rest)
         return 0
-    topo = topology.detect()
-    # Under the elastic agent every process is a worker; under srun or mpirun each task is a
-    # worker too, unless --nproc-per-node asks it to be a node's launcher.
-    if topo.launcher == "torchrun" or (topo.distributed and not args.nproc_per_node):
-        return _worker(args, rest)
     try:
+        if role(args) == "worker":
+            return _worker(args, rest)
         task_cls, cfg = prepare(args, rest)
         from linscale.runtime.device import local_device_count
 
         spec = launch_spec(args, args.nproc_per_node or local_device_count(cfg.runtime.device))
+        check_launcher(spec)
         from linscale.train.loop import make_task, plan_run
 
         if spec.min_nodes == spec.max_nodes:  # an elastic job checks its batch once it knows its size
