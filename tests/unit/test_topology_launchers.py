@@ -502,3 +502,23 @@ def test_several_launcher_tasks_on_a_node():
         check_node_launchers(detect(srun_env(0, [2, 2])), 2, 2)
     with pytest.raises(ValueError, match="mpirun --map-by ppr:1:node"):
         check_node_launchers(detect(ompi_env(0, 4, 2, MASTER_ADDR="n")), 2, 2)
+
+
+def test_torchrun_node_count_comes_from_the_agent_when_stated():
+    from linscale.runtime.topology import detect
+
+    env = {
+        "TORCHELASTIC_RUN_ID": "x",
+        "RANK": "3",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "5",
+        "LOCAL_WORLD_SIZE": "1",
+        "GROUP_RANK": "3",
+        "GROUP_WORLD_SIZE": "5",
+        "MASTER_ADDR": "n0",
+        "MASTER_PORT": "29500",
+    }
+    topo = detect(env)
+    assert (topo.num_nodes, topo.node_rank, topo.replicas_per_node) == (5, 3, 1)
+    del env["GROUP_WORLD_SIZE"]
+    assert detect(env).num_nodes == 5

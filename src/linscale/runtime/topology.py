@@ -117,7 +117,9 @@ def _torchrun(env: Mapping[str, str]) -> Topology:
         world_size=world,
         local_world_size=local_world,
         node_rank=int(env.get("GROUP_RANK", int(env["RANK"]) // max(local_world, 1))),
-        num_nodes=max(1, world // max(local_world, 1)),
+        # The elastic agent states the number of nodes (GROUP_WORLD_SIZE); a plain torchrun of an
+        # older release may not, and then the nodes are taken to be alike.
+        num_nodes=int(env.get("GROUP_WORLD_SIZE", max(1, world // max(local_world, 1)))),
         master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
         master_port=int(env.get("MASTER_PORT", 0)),
         launcher="torchrun",
