@@ -76,3 +76,12 @@ def test_findings_and_report_name_the_node_and_the_fix():
     assert "slow link: node 2" in text and "2-" not in text.split("node pairs")[0]
     lo = Report(2, 2, "gloo", "lo", 0.1, [dev(0, 0, 1e9), dev(1, 1, 1e9)], [SweepPoint(4096, 1e-4, 1, 1)])
     assert any("wrong interface" in f for f in findings(lo))
+
+
+def test_a_gpu_far_below_its_data_sheet_is_named_even_alone():
+    gpu = DeviceResult(0, 0, "g0", "10.0.0.1", "NVIDIA A100", 6e12, expected=19.5e12)
+    healthy = DeviceResult(1, 0, "g0", "10.0.0.1", "NVIDIA A100", 18e12, expected=19.5e12)
+    assert slow_devices([gpu]) == [gpu]
+    assert slow_devices([healthy]) == []
+    report = Report(1, 1, "nccl", "eth0", 0.1, [gpu], [SweepPoint(4096, 1e-4, 1, 1)])
+    assert "31% of its data sheet" in findings(report)[0]

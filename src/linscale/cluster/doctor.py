@@ -28,6 +28,7 @@ from linscale.runtime.device import Device
 from linscale.runtime.topology import Topology
 
 SLOW_DEVICE = 0.7  # a device below 70% of the median matrix-product rate is an outlier
+SLOW_VS_DATASHEET = 0.5  # a GPU's fp32 matrix product below half its data-sheet peak is suspect
 SLOW_LINK = 0.5  # a node pair below 50% of the best pair's bandwidth is slow
 
 
@@ -39,6 +40,7 @@ class DeviceResult:
     ip: str
     device: str
     flops: float
+    expected: float | None = None  # the data-sheet peak, for devices in the table (GPUs)
 
 
 @dataclass
@@ -92,10 +94,13 @@ def bus_bandwidth(nbytes: int, seconds: float, world: int) -> tuple[float, float
 
 
 def slow_devices(devices: list[DeviceResult], threshold: float = SLOW_DEVICE) -> list[DeviceResult]:
-    if len(devices) < 2:
-        return []
-    median = statistics.median(d.flops for d in devices)
-    return [d for d in devices if d.flops < threshold * median]
+    median = statistics.median(d.flops for d in devices) if len(devices) > 1 else None
+    return [
+        d
+        for d in devices
+        if (median is not None and d.flops < threshold * median)
+        or (d.expected and d.flops < SLOW_VS_DATASHEET * d.expected)
+    ]
 
 
 def slow_nodes(pairs: list[PairResult], num_nodes: int, threshold: float = SLOW_LINK) -> dict[int, float]:
@@ -123,9 +128,12 @@ def findings(report: Report) -> list[str]:
     out = []
     for d in slow_devices(report.devices):
         median = statistics.median(x.flops for x in report.devices)
+        versus = f"{100 * d.flops / median:.0f}% of the median"
+        if d.expected:
+            versus += f", {100 * d.flops / d.expected:.0f}% of its data sheet"
         out.append(
             f"slow device: rank {d.rank} on node {d.node} ({d.host}) reaches {d.flops / 1e9:.1f} GFLOP/s, "
-            f"{100 * d.flops / median:.0f}% of the median: check its clocks, temperature, other jobs on it"
+            f"{versus}: check its clocks, temperature, other jobs on it"
         )
     if report.pairs:
         top = max(p.busbw for p in report.pairs)
@@ -189,7 +197,10 @@ def run_checks(
 
     ip = local_ip_toward(topo.master_addr)
     flops = device.matmul_rate("fp32", size=1024 if device.type == "cpu" else 8192)
-    mine = DeviceResult(topo.rank, topo.node_rank, socket.gethostname(), ip, device.name, flops)
+    # GPUs have a data-sheet peak to compare with; a CPU's peak is this same probe.
+    expected = device.peak_flops("fp32")[0] if device.type == "cuda" else None
+    expected = expected if expected and expected == expected else None  # NaN: a GPU not in the table
+    mine = DeviceResult(topo.rank, topo.node_rank, socket.gethostname(), ip, device.name, flops, expected)
     devices: list[Any] = [None] * topo.world_size
     dist.all_gather_object(devices, mine)
 
