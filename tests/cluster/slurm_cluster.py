@@ -30,23 +30,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from dist.conftest import TINY_GPT
+
+from linscale.cluster.netns import pids_with_env
 
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "sinfo", "squeue", "scancel", "scontrol")
 CLUSTER_TAG = "LINSCALE_SLURM_CLUSTER"
-# The same tiny model as tests/dist/conftest.py, and the loss-trajectory settings of
+# The loss-trajectory settings of
 # tests/dist/test_train.py: 20 steps of global batch 16 on 2 processes.
-TINY_GPT = [
-    "--task.n_layer=2",
-    "--task.d_model=64",
-    "--task.n_head=4",
-    "--task.block_size=32",
-    "--task.corpus_mb=0.5",
-    "--task.sample_tokens=0",
-    "--runtime.precision=fp32",
-    "--log.progress=false",
-]
 STEPS = [
     "--train.max_steps=20",
     "--train.log_every=1",
@@ -78,19 +71,6 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------
 # Processes
-
-
-def procs_with(var: str, value: str) -> list[int]:
-    """Pids of the processes whose environment has var=value."""
-    needle = f"{var}={value}".encode() + b"\0"
-    found = []
-    for env_file in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if needle in env_file.read_bytes() + b"\0":
-                found.append(int(env_file.parent.name))
-        except OSError:
-            continue
-    return [pid for pid in found if pid != os.getpid()]
 
 
 def _kill(pids: list[int]) -> None:
@@ -129,12 +109,12 @@ def run_tagged(cmd: list[str], *, env: dict[str, str], timeout: float = 180, cwd
     except subprocess.TimeoutExpired:
         with contextlib.suppress(OSError):
             os.killpg(proc.pid, signal.SIGKILL)
-        _kill(procs_with("LINSCALE_TEST_TAG", tag))
+        _kill(pids_with_env("LINSCALE_TEST_TAG", tag))
         out, err = proc.communicate()
         pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s:\n{out}\n{err}")
     # slurmstepd reaps a job's processes just after it reports the job done.
     deadline = time.monotonic() + 10
-    while (left := procs_with("LINSCALE_TEST_TAG", tag)) and time.monotonic() < deadline:
+    while (left := pids_with_env("LINSCALE_TEST_TAG", tag)) and time.monotonic() < deadline:
         time.sleep(0.1)
     _kill(left)
     assert not left, f"processes left behind after {cmd[0]} exited: {left}\n{out}\n{err}"
@@ -386,7 +366,7 @@ def _stop(cluster: SlurmCluster) -> list[str]:
             problems.append(f"{name} (pid {proc.pid}) ignored SIGTERM and was killed")
     # slurmstepd and the jobs' processes inherit the daemons' tag.
     deadline = time.monotonic() + 10
-    while (left := procs_with(CLUSTER_TAG, str(cluster.root))) and time.monotonic() < deadline:
+    while (left := pids_with_env(CLUSTER_TAG, str(cluster.root))) and time.monotonic() < deadline:
         time.sleep(0.1)
     if left:
         names = [

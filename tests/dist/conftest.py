@@ -25,14 +25,9 @@ TINY_GPT = [
 
 
 def _procs_with_tag(tag: str) -> list[int]:
-    found = []
-    for env_file in Path("/proc").glob("[0-9]*/environ"):
-        try:
-            if f"LINSCALE_TEST_TAG={tag}".encode() in env_file.read_bytes():
-                found.append(int(env_file.parent.name))
-        except OSError:
-            continue
-    return found
+    from linscale.cluster.netns import pids_with_env
+
+    return pids_with_env("LINSCALE_TEST_TAG", tag)
 
 
 class Run:

@@ -472,7 +472,8 @@ def _wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02
         time.sleep(interval)
 
 
-def _pids_with_env(var: str, value: str) -> list[int]:
+def pids_with_env(var: str, value: str) -> list[int]:
+    """Pids of the processes whose environment has var=value (they may have left our process group)."""
     needle = f"{var}={value}".encode() + b"\0"
     found = []
     for env_file in Path("/proc").glob("[0-9]*/environ"):
@@ -847,7 +848,7 @@ class Cluster:
         finally:
             _stop(procs.values(), grace)
             # Whatever the commands started and left behind, also outside their process group.
-            _kill_pids(_pids_with_env(RUN_TAG_VAR, tag))
+            _kill_pids(pids_with_env(RUN_TAG_VAR, tag))
             for t in threads:
                 t.join(timeout=2)
         codes.update({r: p.returncode for r, p in procs.items()})
