@@ -85,14 +85,35 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    strategy: str = opt("ddp", "Data-parallel strategy: ddp.")
+    strategy: str = opt(
+        "ddp",
+        "ddp (replicated), zero1 (optimizer states sharded), zero2 (+ gradients), zero3 or fsdp (everything "
+        "sharded), hsdp (sharded inside a node, replicated across nodes), auto (the simplest that fits).",
+    )
     bucket_mb: float = opt(25.0, "DDP gradient bucket size in MiB.")
     gradient_as_bucket_view: bool = opt(True, "Let gradients alias DDP's buckets (saves a copy).")
+    activation_checkpointing: str = opt(
+        "none", "Recompute activations in backward: none, full (every block) or K (every K-th block)."
+    )
 
     def __post_init__(self) -> None:
-        _choice("parallel.strategy", self.strategy, ("ddp",))
+        _choice("parallel.strategy", self.strategy, STRATEGIES)
         if self.bucket_mb <= 0:
             raise ConfigError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
+        ac = self.activation_checkpointing
+        if ac not in ("none", "full") and not (ac.isdigit() and int(ac) >= 1):
+            raise ConfigError(
+                f"parallel.activation_checkpointing must be none, full or a positive integer K, got {ac!r}"
+            )
+
+    @property
+    def checkpoint_every(self) -> int:
+        """0: no activation checkpointing; k: every k-th block."""
+        ac = self.activation_checkpointing
+        return 0 if ac == "none" else 1 if ac == "full" else int(ac)
+
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp", "auto")
 
 
 @dataclass(kw_only=True)
@@ -114,6 +135,7 @@ class LogConfig:
     dir: str = opt("", "Run directory (default: runs/<task>-<time>).")
     progress: bool = opt(True, "Show a progress bar on rank 0.")
     tensorboard: bool = opt(True, "Write TensorBoard event files into the run directory.")
+    save_model: bool = opt(False, "Save the final parameters, whole, as model.pt in the run directory.")
 
 
 @dataclass(kw_only=True)

@@ -83,6 +83,12 @@ class Task:
         """Held-out data, evaluated with `loss`; None means no evaluation."""
         return None
 
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The model's repeated blocks, which sharding and activation checkpointing treat as units.
+
+        By default the modules in `model.blocks` (an nn.ModuleList), or none."""
+        return list(getattr(model, "blocks", []))
+
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) of one sample; None lets linscale count them."""
         return None

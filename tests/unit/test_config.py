@@ -258,7 +258,7 @@ def test_any_stop_condition_is_enough(stop):
         ("optim", "impl", "magic", ["auto", "fused", "foreach"]),
         ("runtime", "device", "tpu", ["auto", "cpu", "cuda"]),
         ("runtime", "precision", "fp8", ["auto", "fp32", "bf16-mixed"]),
-        ("parallel", "strategy", "fsdp", ["ddp"]),
+        ("parallel", "strategy", "fsdp2", ["ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp", "auto"]),
     ],
 )
 def test_bad_choice_lists_valid_choices(section, key, value, choices):

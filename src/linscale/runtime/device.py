@@ -130,6 +130,12 @@ class Device:
             best = min(best, time.perf_counter() - t0)
         return 2 * size**3 / best
 
+    def total_memory(self, local_processes: int = 1) -> float:
+        """Bytes of memory one process may plan for: the GPU's, or the host's share."""
+        if self.type == "cuda":
+            return float(torch.cuda.get_device_properties(self.index).total_memory)
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local_processes)
+
     def max_memory_allocated(self) -> int | None:
         if self.type == "cuda":
             return torch.cuda.max_memory_allocated(self.index)

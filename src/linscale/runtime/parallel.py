@@ -1,16 +1,36 @@
-"""Applying the data-parallel strategy to a model, and measuring its exposed communication."""
+"""Applying the data-parallel strategy to a model, and measuring its exposed communication.
+
+Strategies (`parallel.strategy`):
+  ddp    replicated model, bucketed all-reduce overlapped with backward (DistributedDataParallel)
+  zero1  ddp, with the optimizer states sharded across replicas (ZeroRedundancyOptimizer)
+  zero2  optimizer states and gradients sharded; parameters stay whole from forward to backward
+         (FSDP2 `fully_shard` with reshard_after_forward=False)
+  zero3  everything sharded, each block gathered when needed (FSDP2, per block then the root);
+  fsdp   the same as zero3
+  hsdp   zero3 inside a node, replicated across nodes: a 2-D mesh (replicate x shard) from the
+         topology, so the slow inter-node links carry one gradient all-reduce
+  auto   the simplest of these whose model states fit the device memory (see `choose_strategy`)
+
+The model's repeated blocks come from the task (`Task.blocks`); nothing here names a model class.
+"""
 
 import contextlib
 import time
+from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
 
 from linscale.config import ParallelConfig
 from linscale.runtime import dist as ldist
 from linscale.runtime.device import Device
+from linscale.runtime.topology import Topology
+
+SHARDED = ("zero2", "zero3", "fsdp", "hsdp")
 
 
 class CommClock:
@@ -38,27 +58,164 @@ def _timed_allreduce(clock: CommClock, bucket: dist.GradBucket):
     return default_hooks.allreduce_hook(clock.process_group, bucket)
 
 
-def wrap(model: nn.Module, cfg: ParallelConfig, device: Device) -> tuple[nn.Module, CommClock]:
-    """Replicate `model` with DDP (or return it as is for a single process)."""
+@dataclass
+class Choice:
+    strategy: str
+    reason: str
+
+
+def model_state_bytes(num_params: int, world: int, strategy: str) -> float:
+    """Rough per-device bytes of fp32 parameters (4), gradients (4) and AdamW states (8) per parameter.
+
+    A lower bound: activations, buffers and communication buckets come on top.
+    """
+    n = max(1, world)
+    params, grads, optim = 4.0 * num_params, 4.0 * num_params, 8.0 * num_params
+    if strategy == "ddp":
+        return params + grads + optim
+    if strategy == "zero1":
+        return params + grads + optim / n
+    if strategy == "zero2":
+        return params + (grads + optim) / n
+    return (params + grads + optim) / n
+
+
+def choose_strategy(num_params: int, world: int, device_memory: float, headroom: float = 0.5) -> Choice:
+    """The simplest strategy whose model states take at most `headroom` of the device memory,
+    leaving the rest for activations and buffers."""
+    budget = headroom * device_memory
+    for strategy in ("ddp", "zero1", "zero2", "zero3"):
+        need = model_state_bytes(num_params, world, strategy)
+        if world == 1 or need <= budget:
+            return Choice(
+                strategy,
+                f"model states take about {need / 2**30:.2f} GiB per device of the "
+                f"{budget / 2**30:.2f} GiB allowed ({headroom:.0%} of {device_memory / 2**30:.1f} GiB)"
+                + ("; one process needs no sharding" if world == 1 else ""),
+            )
+    need = model_state_bytes(num_params, world, "zero3")
+    return Choice(
+        "zero3",
+        f"even fully sharded the model states need about {need / 2**30:.2f} GiB per device, more than "
+        f"{budget / 2**30:.2f} GiB; expect running out of memory: add devices or use a smaller model",
+    )
+
+
+def checkpoint_blocks(blocks: list[nn.Module], every: int) -> int:
+    """Recompute the activations of every `every`-th block in backward instead of keeping them.
+
+    The block's forward is wrapped in place, so parameter names and state dicts do not change.
+    Returns the number of blocks wrapped."""
+    if every <= 0:
+        return 0
+    wrapped = 0
+    for i, block in enumerate(blocks):
+        if i % every:
+            continue
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        wrapped += 1
+    return wrapped
+
+
+def _mesh(strategy: str, topo: Topology, device: Device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if strategy == "hsdp":
+        if topo.world_size % topo.local_world_size:
+            raise ValueError("hsdp needs the same number of processes on every node")
+        shape = (topo.world_size // topo.local_world_size, topo.local_world_size)
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (topo.world_size,), mesh_dim_names=("shard",))
+
+
+def wrap(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    device: Device,
+    topo: Topology | None = None,
+    blocks: list[nn.Module] | None = None,
+    strategy: str | None = None,
+) -> tuple[nn.Module, CommClock]:
+    """Apply `strategy` (default: cfg.strategy) to `model`; a single process keeps it as is."""
+    strategy = strategy or cfg.strategy
     clock = CommClock()
+    checkpoint_blocks(blocks or [], cfg.checkpoint_every)
     if not ldist.active() or dist.get_world_size() == 1:
         return model, clock
-    ddp = DistributedDataParallel(
-        model,
-        device_ids=device.ddp_device_ids,
-        bucket_cap_mb=cfg.bucket_mb,
-        gradient_as_bucket_view=cfg.gradient_as_bucket_view,
-    )
-    ddp.register_comm_hook(clock, _timed_allreduce)
-    return ddp, clock
+    if strategy in ("ddp", "zero1"):
+        ddp = DistributedDataParallel(
+            model,
+            device_ids=device.ddp_device_ids,
+            bucket_cap_mb=cfg.bucket_mb,
+            gradient_as_bucket_view=cfg.gradient_as_bucket_view,
+        )
+        ddp.register_comm_hook(clock, _timed_allreduce)
+        return ddp, clock
+    assert strategy in SHARDED, strategy
+    from torch.distributed.fsdp import fully_shard
+
+    assert topo is not None, "sharded strategies need the topology"
+    mesh = _mesh(strategy, topo, device)
+    # zero2 keeps the gathered parameters from forward to backward; zero3/fsdp/hsdp free them
+    # after each block's forward and gather them again in backward.
+    reshard = strategy != "zero2"
+    for block in blocks or []:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    return model, clock
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def sync_gradients(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip the gradient all-reduce on non-final micro-steps of an accumulation."""
-    if sync or not isinstance(model, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return model.no_sync()
+    """Skip the gradient reduction on non-final micro-steps of an accumulation."""
+    if isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext() if sync else model.no_sync()
+    if is_sharded(model):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer, whole and on the CPU, on every rank (a collective when sharded)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for `tensors` (only the local shard of a sharded tensor)."""
+    total = 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def model_state_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer states this rank actually holds."""
+    params = list(model.parameters())
+    inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer keeps its shard's optimizer
+    states = [v for state in inner.state.values() for v in state.values()]
+    return {
+        "params": local_bytes(params),
+        "grads": local_bytes(p.grad for p in params),
+        "optimizer": local_bytes(states),
+    }

@@ -154,6 +154,12 @@ def evaluate(task: Task, model: nn.Module, ev: EvalSet, precision: Precision, de
     return (total[0] / total[1]).item()
 
 
+def _scalar(t: torch.Tensor | None) -> float:
+    if t is None:
+        return float("nan")
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
 def _check_loss(loss: Any) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -173,6 +179,7 @@ def train_step(
     sched,
     grad_clip: float,
     loss_sum: torch.Tensor,
+    memory: dict[str, int] | None = None,
 ) -> tuple[dict[str, float], torch.Tensor | None]:
     """One optimizer step over `plan.accum_steps` micro-batches; returns phase times and grad norm."""
     t_data = t_fb = 0.0
@@ -197,9 +204,12 @@ def train_step(
             t_comm = max(0.0, t2 - launched)
         t_fb += t2 - t1
     t3 = time.perf_counter()
+    # The global norm: for sharded parameters clip_grad_norm_ reduces the shards' norms.
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True) if grad_clip > 0 else None
     opt.step()
     sched.step()
+    if memory is not None:  # once, while gradients and optimizer states all exist
+        memory.update(parallel.model_state_memory(model, opt))
     opt.zero_grad(set_to_none=True)
     device.synchronize()
     t4 = time.perf_counter()
@@ -260,9 +270,15 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     )
     eval_set = make_eval_set(task.eval_data(shard), plan.micro_batch, tc.eval_batches, topo)
     num_params = sum(p.numel() for p in model.parameters())
-    model, clock = parallel.wrap(model, cfg.parallel, device)
-    opt = build_optimizer(model, cfg.optim, device.type)
+    strategy, why = cfg.parallel.strategy, ""
+    if strategy == "auto":
+        choice = parallel.choose_strategy(num_params, topo.world_size, device.total_memory(topo.local_world_size))
+        strategy, why = choice.strategy, f" (auto: {choice.reason})"
+    blocks = task.blocks(model) if hasattr(task, "blocks") else list(getattr(model, "blocks", []))
+    model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy)
+    opt = build_optimizer(model, cfg.optim, device.type, strategy)
     sched = build_scheduler(opt, cfg.optim, total_steps)
+    memory: dict[str, int] = {}
 
     unit = "tok" if tokens_per_sample else "samples"
     if topo.is_main:
@@ -270,7 +286,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             f"linscale: {task_spec} | {num_params / 1e6:.2f}M params | {topo.world_size} x {device.type} "
             f"({device.backend}, {device.threads} thread(s) each) | {precision.name} | global batch "
             f"{plan.global_batch} = micro {plan.micro_batch} x accum {plan.accum_steps} x replicas "
-            f"{plan.replicas} | run dir {run_dir}",
+            f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)
@@ -291,7 +307,18 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
             phases, grad_norm = train_step(
-                task, model, batches, plan, precision, device, clock, opt, sched, tc.grad_clip, loss_sum
+                task,
+                model,
+                batches,
+                plan,
+                precision,
+                device,
+                clock,
+                opt,
+                sched,
+                tc.grad_clip,
+                loss_sum,
+                memory=None if memory else memory,
             )
             times.add(step, phases, time.perf_counter() - t0)
             step += 1
@@ -323,7 +350,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                         {
                             "train_loss": mean_loss,
                             "lr": sched.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                            "grad_norm": _scalar(grad_norm),
                             f"train_{unit}_per_s": rate,
                             "elapsed_s": now - start,
                         },
@@ -362,13 +389,29 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             topo,
             epoch_samples,
         )
+        summary["strategy"] = strategy + why
+        state_mb = torch.tensor([memory.get(k, 0) / 2**20 for k in ("params", "grads", "optimizer")],
+                                dtype=torch.float64)  # fmt: skip
+        ldist.all_reduce(state_mb, "max")  # the fullest device
+        for key, value in zip(("params", "grads", "optimizer"), state_mb.tolist(), strict=True):
+            summary[f"model_state_{key}_mb"] = value
+        if parallel.is_sharded(model):
+            summary["time_comm_ms"] = summary["time_comm_pct"] = "n/a (measured for ddp and zero1)"
         report.close()
+        final_model = parallel.unwrap(model)
+        sharded = parallel.is_sharded(model)
+        state = parallel.full_state_dict(model) if sharded or cfg.log.save_model else None  # collective
         if topo.is_main:
             import json
 
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             print(mx.format_summary(summary), flush=True)
-            text = task.final_report(parallel.unwrap(model))
+            if cfg.log.save_model:
+                torch.save(state, run_dir / "model.pt")
+            if sharded:  # a whole copy on rank 0, so the report needs no other rank
+                final_model = task.build_model()
+                final_model.load_state_dict(state)
+            text = task.final_report(final_model)
             if text:
                 print(text, flush=True)
         return summary

@@ -10,7 +10,9 @@ from torch import nn
 from linscale.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, device_type: str, strategy: str = "ddp"
+) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     # Decay matrices (weights of linear layers, embeddings); not biases and norm gains.
     groups = [
@@ -21,10 +23,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     impl = cfg.impl
     if impl == "auto":
-        impl = "fused" if device_type in ("cuda", "cpu") else "foreach"
-    if impl == "fused":
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+        # The fused kernel takes plain tensors; sharded parameters are DTensors.
+        sharded = strategy in ("zero2", "zero3", "fsdp", "hsdp")
+        impl = "fused" if device_type in ("cuda", "cpu") and not sharded else "foreach"
+    kwargs["fused" if impl == "fused" else "foreach"] = True
+    if strategy == "zero1" and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        # Each rank keeps and updates the AdamW states of its share of the parameters only.
+        return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
