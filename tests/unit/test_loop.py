@@ -52,3 +52,30 @@ def test_help_lists_every_field_with_the_value_in_effect():
     assert any(line.split()[0] == "--train.max_steps=7" for line in lines)
     assert any(line.split()[0] == "--train.eval_every=250" for line in lines)  # the task's default
     assert describe(TrainConfig, "train")[0].split()[0] == "--train.global_batch=32"
+
+
+def test_activation_checkpointing_wraps_every_kth_block_and_keeps_results():
+    from torch import nn
+
+    from linscale.runtime.parallel import checkpoint_blocks
+
+    torch.manual_seed(0)
+    blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(5))
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def grads():
+        for p in blocks.parameters():
+            p.grad = None
+        h = x
+        for b in blocks:
+            h = b(h)
+        h.sum().backward()
+        return [p.grad.clone() for p in blocks.parameters()]
+
+    before = grads()
+    names = [n for n, _ in blocks.named_parameters()]
+    assert checkpoint_blocks(list(blocks), 2) == 3  # blocks 0, 2 and 4
+    assert [n for n, _ in blocks.named_parameters()] == names  # state dicts unchanged
+    for a, b in zip(before, grads(), strict=True):
+        torch.testing.assert_close(a, b)
+    assert checkpoint_blocks(list(blocks), 0) == 0

@@ -164,9 +164,17 @@ def wrap(
     # zero2 keeps the gathered parameters from forward to backward; zero3/fsdp/hsdp free them
     # after each block's forward and gather them again in backward.
     reshard = strategy != "zero2"
-    for block in blocks or []:
+    blocks = blocks or []
+    for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    # Prefetch: gather the next block's parameters while this one computes, in forward and
+    # (in reverse order) in backward, so the all-gathers hide behind compute.
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
     return model, clock
 
 
