@@ -95,9 +95,24 @@ class ParallelConfig:
     activation_checkpointing: str = opt(
         "none", "Recompute activations in backward: none, full (every block) or K (every K-th block)."
     )
+    comm_hook: str = opt(
+        "none",
+        "ddp/zero1 gradient compression for slow links: none, bf16 or fp16 (all-reduce in half precision), "
+        "powersgd (low-rank PowerSGD with error feedback).",
+    )
+    powersgd_rank: int = opt(1, "PowerSGD: rank of the gradient approximation (higher = closer to exact).")
+    powersgd_warmup: int = opt(10, "PowerSGD: exact all-reduce for the first N steps before compressing (>= 2).")
+    reduce_dtype: str = opt("fp32", "zero2/zero3/fsdp/hsdp: dtype of the gradient reduction, fp32 or bf16.")
 
     def __post_init__(self) -> None:
         _choice("parallel.strategy", self.strategy, STRATEGIES)
+        _choice("parallel.comm_hook", self.comm_hook, COMM_HOOKS)
+        _choice("parallel.reduce_dtype", self.reduce_dtype, ("fp32", "bf16"))
+        if self.powersgd_rank < 1:
+            raise ConfigError(f"parallel.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        if self.powersgd_warmup < 2:
+            # PowerSGD's error feedback needs at least one exact step first (torch refuses <= 1).
+            raise ConfigError(f"parallel.powersgd_warmup must be >= 2, got {self.powersgd_warmup}")
         if self.bucket_mb <= 0:
             raise ConfigError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
         ac = self.activation_checkpointing
@@ -114,18 +129,25 @@ class ParallelConfig:
 
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp", "hsdp", "auto")
+COMM_HOOKS = ("none", "bf16", "fp16", "powersgd")
+PRECISIONS = ("auto", "fp32", "bf16-mixed", "bf16-true", "fp16-mixed")
 
 
 @dataclass(kw_only=True)
 class RuntimeConfig:
     device: str = opt("auto", "auto (CUDA when present, else CPU), cuda or cpu.")
-    precision: str = opt("auto", "auto (bf16-mixed where the device computes bf16 fast), fp32, bf16-mixed.")
+    precision: str = opt(
+        "auto",
+        "auto (bf16-mixed where the device computes bf16 fast, else fp32), fp32, bf16-mixed (bf16 autocast), "
+        "bf16-true (bf16 parameters in compute, fp32 reduction and optimizer; zero2/zero3/fsdp/hsdp), "
+        "fp16-mixed (fp16 autocast with loss scaling).",
+    )
     threads_per_proc: int = opt(0, "CPU threads per process (0 = cores / local processes).")
     timeout: float = opt(300.0, "Seconds a collective may take before the job fails.")
 
     def __post_init__(self) -> None:
         _choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
-        _choice("runtime.precision", self.precision, ("auto", "fp32", "bf16-mixed"))
+        _choice("runtime.precision", self.precision, PRECISIONS)
         if self.timeout <= 0:
             raise ConfigError(f"runtime.timeout must be > 0, got {self.timeout}")
 

@@ -137,6 +137,11 @@ def _rank_entry(rank: int, fn, world: int, store_path: str, args: tuple) -> None
     try:
         fn(rank, world, *args)
     finally:
+        import gc
+
+        # Free DDP's reference cycles while the group is alive: freed after it, gloo's threads
+        # can abort the process at exit ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

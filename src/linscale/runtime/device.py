@@ -116,7 +116,7 @@ class Device:
 
     def matmul_rate(self, dtype: str = "fp32", size: int = 1024, reps: int = 6) -> float:
         """Best-of-`reps` FLOP/s of a size x size matrix product on this device."""
-        tdtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+        tdtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32)
         a = torch.randn(size, size, dtype=tdtype, device=self.torch_device)
         b = torch.randn(size, size, dtype=tdtype, device=self.torch_device)
         for _ in range(2):

@@ -58,6 +58,48 @@ def _timed_allreduce(clock: CommClock, bucket: dist.GradBucket):
     return default_hooks.allreduce_hook(clock.process_group, bucket)
 
 
+def bf16_allreduce(process_group: dist.ProcessGroup | None, bucket: dist.GradBucket):
+    """Average a gradient bucket with an all-reduce in bf16: half the bytes of fp32, fp32's range.
+
+    torch's own `bf16_compress_hook` is refused by DDP unless the backend is NCCL 2.10+ on CUDA;
+    gloo all-reduces bf16 too, so this is the same few steps for every backend. The bf16 sum is
+    cast back into the fp32 bucket in place and divided there."""
+    group = process_group if process_group is not None else dist.group.WORLD
+    buffer = bucket.buffer()
+    compressed = buffer.to(torch.bfloat16)
+
+    def decompress(fut):
+        return buffer.copy_(fut.value()[0]).div_(group.size())
+
+    return dist.all_reduce(compressed, group=group, async_op=True).get_future().then(decompress)
+
+
+def comm_hook(cfg: ParallelConfig, clock: CommClock):
+    """The DDP communication hook for `cfg.comm_hook`, stamping `clock` when a bucket is launched
+    like `_timed_allreduce`, so exposed communication is measured with compression too."""
+    if cfg.comm_hook == "none":
+        return _timed_allreduce
+    if cfg.comm_hook == "powersgd":
+        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+        state = powerSGD_hook.PowerSGDState(
+            process_group=clock.process_group,
+            matrix_approximation_rank=cfg.powersgd_rank,
+            start_powerSGD_iter=cfg.powersgd_warmup,
+        )
+        inner, inner_state = powerSGD_hook.powerSGD_hook, state
+    else:
+        inner = bf16_allreduce if cfg.comm_hook == "bf16" else default_hooks.fp16_compress_hook
+        inner_state = clock.process_group
+
+    def timed_compressed(clock: CommClock, bucket: dist.GradBucket):
+        clock.last_launch = time.perf_counter()
+        clock.launches += 1
+        return inner(inner_state, bucket)
+
+    return timed_compressed
+
+
 @dataclass
 class Choice:
     strategy: str
@@ -140,8 +182,12 @@ def wrap(
     topo: Topology | None = None,
     blocks: list[nn.Module] | None = None,
     strategy: str | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, CommClock]:
-    """Apply `strategy` (default: cfg.strategy) to `model`; a single process keeps it as is."""
+    """Apply `strategy` (default: cfg.strategy) to `model`; a single process keeps it as is.
+
+    `param_dtype` (sharded strategies): the dtype parameters are gathered and computed in, for
+    runtime.precision=bf16-true; the shards, and so the optimizer states, stay as they are."""
     strategy = strategy or cfg.strategy
     clock = CommClock()
     checkpoint_blocks(blocks or [], cfg.checkpoint_every)
@@ -154,20 +200,23 @@ def wrap(
             bucket_cap_mb=cfg.bucket_mb,
             gradient_as_bucket_view=cfg.gradient_as_bucket_view,
         )
-        ddp.register_comm_hook(clock, _timed_allreduce)
+        ddp.register_comm_hook(clock, comm_hook(cfg, clock))
         return ddp, clock
     assert strategy in SHARDED, strategy
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     assert topo is not None, "sharded strategies need the topology"
     mesh = _mesh(strategy, topo, device)
     # zero2 keeps the gathered parameters from forward to backward; zero3/fsdp/hsdp free them
     # after each block's forward and gather them again in backward.
     reshard = strategy != "zero2"
+    # Gradients are reduced in reduce_dtype (fp32 by default, also under bf16-true).
+    reduce_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg.reduce_dtype]
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = blocks or []
     for block in blocks:
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     # Prefetch: gather the next block's parameters while this one computes, in forward and
     # (in reverse order) in backward, so the all-gathers hide behind compute.
     for i, block in enumerate(blocks):

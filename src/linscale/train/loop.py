@@ -24,7 +24,7 @@ from linscale.task import DataShard, Task, TaskError
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
 from linscale.train.optim import build_optimizer, build_scheduler, check_schedule
-from linscale.train.precision import Precision, resolve_precision
+from linscale.train.precision import Precision, check_combination, resolve_precision
 from linscale.train.rundir import default_run_dir, write_run_dir
 
 
@@ -49,6 +49,7 @@ def plan_run(task: Task, cfg: RunConfig, replicas: int) -> tuple[BatchPlan, int 
         limits.append(math.ceil(cfg.train.max_tokens / (plan.global_batch * tokens_per_sample)))
     total_steps = min(limits) if limits else None
     check_schedule(cfg.optim, total_steps)
+    check_combination(cfg.runtime.precision, cfg.parallel.strategy, cfg.parallel, replicas)
     return plan, total_steps
 
 
@@ -194,7 +195,7 @@ def train_step(
                 loss = _check_loss(task.loss(model, batch))
             # Gradients add up over micro-steps, a SUM; we want the MEAN over the global
             # batch, so each micro-step's loss is scaled by 1/accumulation.
-            (loss / plan.accum_steps).backward()
+            precision.backward(loss / plan.accum_steps)
         loss_sum += loss.detach()
         device.synchronize()
         t2 = time.perf_counter()
@@ -204,12 +205,19 @@ def train_step(
             t_comm = max(0.0, t2 - launched)
         t_fb += t2 - t1
     t3 = time.perf_counter()
-    # The global norm: for sharded parameters clip_grad_norm_ reduces the shards' norms.
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True) if grad_clip > 0 else None
-    opt.step()
+
+    def clip() -> torch.Tensor | None:
+        # The global norm: for sharded parameters clip_grad_norm_ reduces the shards' norms.
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True) if grad_clip > 0 else None
+
+    # fp16-mixed unscales before clipping and skips a step with inf/NaN gradients; the LR
+    # schedule follows the step number either way.
+    norm = precision.step(opt, clip)
     sched.step()
     if memory is not None:  # once, while gradients and optimizer states all exist
-        memory.update(parallel.model_state_memory(model, opt))
+        held = parallel.model_state_memory(model, opt)
+        if held["optimizer"] or precision.scaler is None:  # a skipped first fp16 step creates no states
+            memory.update(held)
     opt.zero_grad(set_to_none=True)
     device.synchronize()
     t4 = time.perf_counter()
@@ -275,7 +283,8 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         choice = parallel.choose_strategy(num_params, topo.world_size, device.total_memory(topo.local_world_size))
         strategy, why = choice.strategy, f" (auto: {choice.reason})"
     blocks = task.blocks(model) if hasattr(task, "blocks") else list(getattr(model, "blocks", []))
-    model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy)
+    check_combination(precision.name, strategy, cfg.parallel, topo.world_size, auto=bool(why))
+    model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy, precision.param_dtype)
     opt = build_optimizer(model, cfg.optim, device.type, strategy)
     sched = build_scheduler(opt, cfg.optim, total_steps)
     memory: dict[str, int] = {}
@@ -483,5 +492,7 @@ def _summary(
     s["world_size"] = topo.world_size
     s["batch"] = f"{plan.global_batch} = {plan.micro_batch} x {plan.accum_steps} x {plan.replicas}"
     s["precision"] = precision.name
+    if precision.scaler is not None:
+        s["skipped_steps"] = precision.skipped_steps  # inf/NaN gradients; the same on every rank
     s["device"] = f"{device.type} ({device.name})"
     return s
