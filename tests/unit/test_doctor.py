@@ -10,6 +10,8 @@ from linscale.cluster.doctor import (
     bus_bandwidth,
     findings,
     format_report,
+    machine_id,
+    probe_turns,
     sizes_between,
     slow_devices,
     slow_nodes,
@@ -85,3 +87,22 @@ def test_a_gpu_far_below_its_data_sheet_is_named_even_alone():
     assert slow_devices([healthy]) == []
     report = Report(1, 1, "nccl", "eth0", 0.1, [gpu], [SweepPoint(4096, 1e-4, 1, 1)])
     assert "31% of its data sheet" in findings(report)[0]
+
+
+def test_ranks_of_one_machine_probe_in_turn_and_machines_probe_at_once():
+    # Two machines with two ranks each, interleaved: each machine's ranks take turns 0 and 1.
+    assert probe_turns(["a", "b", "a", "b"]) == [0, 0, 1, 1]
+    # Three emulated nodes on one host share its kernel: three turns.
+    assert probe_turns(["h", "h", "h"]) == [0, 1, 2]
+    assert probe_turns(["x", "y", "z"]) == [0, 0, 0]
+
+
+def test_machine_id_is_shared_by_processes_of_this_host():
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", "from linscale.cluster.doctor import machine_id; print(machine_id())"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    assert child.stdout.strip() == machine_id() != ""

@@ -123,6 +123,26 @@ def slow_nodes(pairs: list[PairResult], num_nodes: int, threshold: float = SLOW_
     return out
 
 
+def machine_id() -> str:
+    """What identifies the machine (kernel) this process runs on: network namespaces of one host share it."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def probe_turns(machines: list[str]) -> list[int]:
+    """The turn of each rank's device probe: ranks on one machine take turns (CPU ranks share its cores
+    and memory bandwidth, so probing at once would make some look slow), ranks on different machines
+    probe at the same time."""
+    seen: dict[str, int] = {}
+    turns = []
+    for m in machines:
+        turns.append(seen.get(m, 0))
+        seen[m] = turns[-1] + 1
+    return turns
+
+
 def findings(report: Report) -> list[str]:
     """What looks wrong, with the fix to try."""
     out = []
@@ -196,7 +216,15 @@ def run_checks(
     from linscale.runtime.network import interface_for, local_ip_toward
 
     ip = local_ip_toward(topo.master_addr)
-    flops = device.matmul_rate("fp32", size=1024 if device.type == "cpu" else 8192)
+    machines: list[Any] = [None] * topo.world_size
+    dist.all_gather_object(machines, machine_id())
+    # GPUs are one per rank; CPU ranks of one machine share it, so they probe one after the other.
+    turns = probe_turns(machines) if device.type == "cpu" else [0] * topo.world_size
+    flops = 0.0
+    for turn in range(max(turns) + 1):
+        if turns[topo.rank] == turn:
+            flops = device.matmul_rate("fp32", size=1024 if device.type == "cpu" else 8192)
+        dist.barrier()
     # GPUs have a data-sheet peak to compare with; a CPU's peak is this same probe.
     expected = device.peak_flops("fp32")[0] if device.type == "cuda" else None
     expected = expected if expected and expected == expected else None  # NaN: a GPU not in the table
