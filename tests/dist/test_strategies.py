@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from .conftest import TINY_GPT
+from .conftest import TINY_GPT, spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -52,6 +52,9 @@ def test_strategy_reproduces_one_process(linscale, reference, strategy, world):
     assert run.returncode == 0, run.output
     summary = run.summary()
     assert summary["strategy"] == strategy and summary["world_size"] == world
+    # Exposed communication is measured for every strategy: more than nothing, less than a step.
+    comm = summary["time_comm_ms"]
+    assert isinstance(comm, float) and 0 < comm < summary["steady_step_time_ms"], comm
     _same_model(run, reference)
 
 
@@ -81,3 +84,41 @@ def test_sharded_states_shrink_with_the_number_of_processes(linscale):
         assert mb[strategy][1] == pytest.approx(grads / 4, rel=0.1)
         assert mb[strategy][2] == pytest.approx(optim / 4, rel=0.1)
     assert mb["zero3"][0] == pytest.approx(params / 4, rel=0.1)
+
+
+def _count_collectives(rank: int, world: int, out: str) -> None:
+    import time
+
+    from torch import nn
+
+    from linscale.config import ParallelConfig
+    from linscale.runtime import parallel
+    from linscale.runtime.device import Device
+    from linscale.runtime.topology import Topology
+
+    counts = {}
+    for strategy in ("zero2", "zero3"):
+        torch.manual_seed(0)
+        blocks = [nn.Linear(16, 16), nn.Linear(16, 16)]
+        model = nn.Sequential(*blocks, nn.Linear(16, 4))
+        topo = Topology(rank=rank, local_rank=rank, world_size=world, local_world_size=world, node_rank=0,
+                        num_nodes=1, master_addr="127.0.0.1", master_port=0, launcher="torchrun")  # fmt: skip
+        device = Device("cpu", 0, "gloo", "cpu", 1)
+        model, clock = parallel.wrap(model, ParallelConfig(), device, topo, blocks, strategy)
+        t0 = time.perf_counter()
+        model(torch.randn(8, 16)).pow(2).mean().backward()
+        elapsed = time.perf_counter() - t0
+        blocked = clock.take_blocked()
+        assert 0 < blocked < elapsed, (blocked, elapsed)  # gloo collectives hold the thread on CPU
+        assert clock.take() is not None  # the last gradient reduction was stamped
+        counts[strategy] = (clock.gathers, clock.launches)
+    torch.save(counts, f"{out}/rank{rank}.pt")
+
+
+def test_sharded_collectives_report_to_the_clock(tmp_path):
+    spawn_ranks(_count_collectives, 2, tmp_path, str(tmp_path))
+    counts = torch.load(tmp_path / "rank0.pt")
+    # One gradient reduce-scatter per sharded module (2 blocks and the root) with either strategy;
+    # zero3 gathers the blocks' parameters again in backward, zero2 keeps them from forward.
+    assert counts["zero2"][1] == counts["zero3"][1] == 3, counts
+    assert counts["zero3"][0] > counts["zero2"][0] >= 3, counts

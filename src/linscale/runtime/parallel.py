@@ -34,22 +34,72 @@ SHARDED = ("zero2", "zero3", "fsdp", "hsdp")
 
 
 class CommClock:
-    """When the last gradient bucket of a backward pass was handed to the network.
+    """The communication a training step did not hide behind compute: the exposed communication.
 
-    DDP launches each bucket's all-reduce as soon as its gradients are ready, overlapping it
-    with the rest of backward, and `backward()` returns only once every reduction has
-    finished. The time from the last launch to the end of backward is therefore the
-    communication that compute did not hide: the exposed communication.
+    DDP launches each bucket's all-reduce as soon as its gradients are ready, overlapping it with
+    the rest of backward, and `backward()` returns only once every reduction has finished. The
+    time from the last launch to the end of backward is the exposed communication.
+
+    Sharded strategies (FSDP2) gather parameters and reduce-scatter gradients through collectives
+    that linscale times (`TimedAllGather`, `TimedReduceScatter`, the all-reduce hook of hsdp's
+    replica reduction). Where a collective blocks the training thread (gloo on CPU) its whole time
+    is exposed and counts in `blocked`; where it is queued on a stream (NCCL) the call returns at
+    once, and what is exposed is the wait from the last gradient reduction to the end of backward,
+    as for DDP. On GPUs both figures are taken on the host, so queued compute can count as exposed:
+    treat them as an upper bound there.
     """
 
     def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
         self.process_group = process_group
         self.last_launch: float | None = None
-        self.launches = 0  # bucket reductions started, for tests and diagnostics
+        self.launches = 0  # gradient reductions started, for tests and diagnostics
+        self.blocked = 0.0  # seconds the training thread spent inside sharded collectives
+        self.gathers = 0  # parameter all-gathers of sharded strategies
 
     def take(self) -> float | None:
         t, self.last_launch = self.last_launch, None
         return t
+
+    def take_blocked(self) -> float:
+        t, self.blocked = self.blocked, 0.0
+        return t
+
+    def reduced(self, started: float | None = None) -> None:
+        """A gradient reduction returned; `started`: when it was called, if it blocked until now."""
+        now = time.perf_counter()
+        if started is not None:
+            self.blocked += now - started
+            self.launches += 1
+        elif self.last_launch is not None:  # hsdp: the replica all-reduce ran since the reduce-scatter
+            self.blocked += now - self.last_launch
+        self.last_launch = now
+
+
+def timed_collectives(clock: CommClock):
+    """An all-gather, a reduce-scatter and an all-reduce hook for FSDP2 that report to `clock`."""
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+    class TimedAllGather(DefaultAllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            t0 = time.perf_counter()
+            try:
+                return super().__call__(output_tensor, input_tensor, group, async_op)
+            finally:
+                clock.blocked += time.perf_counter() - t0
+                clock.gathers += 1
+
+    class TimedReduceScatter(DefaultReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            t0 = time.perf_counter()
+            try:
+                return super().__call__(output_tensor, input_tensor, group, op, async_op)
+            finally:
+                clock.reduced(started=t0)
+
+    def after_all_reduce(_output: torch.Tensor) -> None:
+        clock.reduced()  # hsdp: after the replica all-reduce (FSDP: right after the reduce-scatter)
+
+    return TimedAllGather(), TimedReduceScatter(), after_all_reduce
 
 
 def _timed_allreduce(clock: CommClock, bucket: dist.GradBucket):
@@ -217,6 +267,11 @@ def wrap(
     for block in blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
+    gather, reduce_scatter, after_all_reduce = timed_collectives(clock)
+    for module in [*blocks, model]:
+        module.set_custom_all_gather(gather)
+        module.set_custom_reduce_scatter(reduce_scatter)
+        module.set_all_reduce_hook(after_all_reduce)
     # Prefetch: gather the next block's parameters while this one computes, in forward and
     # (in reverse order) in backward, so the all-gathers hide behind compute.
     for i, block in enumerate(blocks):

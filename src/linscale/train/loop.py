@@ -185,6 +185,7 @@ def train_step(
     """One optimizer step over `plan.accum_steps` micro-batches; returns phase times and grad norm."""
     t_data = t_fb = 0.0
     t_comm = 0.0
+    clock.take_blocked()  # what an evaluation or an earlier step left
     for k in range(plan.accum_steps):
         t0 = time.perf_counter()
         batch = to_device(next(batches), device.torch_device, device.pin_memory)
@@ -204,6 +205,7 @@ def train_step(
         if launched is not None:
             t_comm = max(0.0, t2 - launched)
         t_fb += t2 - t1
+    t_comm += clock.take_blocked()  # sharded strategies: collectives that held up the step
     t3 = time.perf_counter()
 
     def clip() -> torch.Tensor | None:
@@ -404,8 +406,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         ldist.all_reduce(state_mb, "max")  # the fullest device
         for key, value in zip(("params", "grads", "optimizer"), state_mb.tolist(), strict=True):
             summary[f"model_state_{key}_mb"] = value
-        if parallel.is_sharded(model):
-            summary["time_comm_ms"] = summary["time_comm_pct"] = "n/a (measured for ddp and zero1)"
         report.close()
         final_model = parallel.unwrap(model)
         sharded = parallel.is_sharded(model)
