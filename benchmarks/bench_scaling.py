@@ -240,9 +240,13 @@ def main() -> None:
     for name, value in med.items():
         runs = ", ".join(f"{v:,.0f}" for v in results[name])
         extra = " ".join(x.replace("HALF", str(a.micro_batch // 2)) for x in CANDIDATES[name]) or "defaults"
+        # The machine's speed drifts between repeats: each repeat's 2-node run is also divided by
+        # the 1-node run of the same repeat, and the median of those paired ratios is given too.
+        paired = [v / (2 * o) for v, o in zip(results[name], results["1 node"], strict=True)]
         print(
-            f"  {name:12s} = efficiency {value / (2 * one):.3f}: {value:,.0f} tokens/s (median of {runs}); "
-            f"last loss {bench.last_loss[name]:.4f} [{extra}]"
+            f"  {name:12s} = efficiency {value / (2 * one):.3f} (paired by repeat: median "
+            f"{statistics.median(paired):.3f} of {', '.join(f'{x:.3f}' for x in paired)}): {value:,.0f} tokens/s "
+            f"(median of {runs}); last loss {bench.last_loss[name]:.4f} [{extra}]"
         )
     print(
         f"  other processes used at most {max(foreign):.2f} core(s) during a kept run; "

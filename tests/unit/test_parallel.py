@@ -3,7 +3,7 @@
 import pytest
 
 from linscale.config import ConfigError, ParallelConfig
-from linscale.runtime.parallel import choose_strategy, model_state_bytes
+from linscale.runtime.parallel import choose_strategy, describe_communication, model_state_bytes
 
 GIB = 2**30
 
@@ -38,3 +38,18 @@ def test_activation_checkpointing_setting(value, every):
 def test_activation_checkpointing_rejects_bad_values(value):
     with pytest.raises(ConfigError, match="none, full or a positive integer"):
         ParallelConfig(activation_checkpointing=value)
+
+
+def test_the_summary_says_what_each_strategy_sends():
+    base = ParallelConfig()
+    assert describe_communication("ddp", base, 1) == "none (one process)"
+    assert "all-reduce in 25 MiB buckets" in describe_communication("ddp", base, 2)
+    assert describe_communication("ddp", base, 2).endswith("fp32")
+    assert "compressed to bf16" in describe_communication("ddp", ParallelConfig(comm_hook="bf16"), 2)
+    psgd = ParallelConfig(comm_hook="powersgd", powersgd_rank=4, powersgd_warmup=7)
+    assert "PowerSGD rank 4 after 7 exact steps" in describe_communication("ddp", psgd, 2)
+    assert "parameter broadcast" in describe_communication("zero1", base, 2)
+    assert "in forward," in describe_communication("zero2", base, 2)
+    assert "forward and backward" in describe_communication("zero3", base, 2)
+    hsdp = describe_communication("hsdp", ParallelConfig(reduce_dtype="bf16"), 4, nodes=2)
+    assert "reduce-scatter in bf16 inside each node" in hsdp and "across the 2 nodes" in hsdp

@@ -150,6 +150,26 @@ def comm_hook(cfg: ParallelConfig, clock: CommClock):
     return timed_compressed
 
 
+def describe_communication(strategy: str, cfg: ParallelConfig, world: int, nodes: int = 1) -> str:
+    """What a step sends over the network, in words, for the summary block."""
+    if world <= 1:
+        return "none (one process)"
+    if strategy in ("ddp", "zero1"):
+        what = f"gradient all-reduce in {cfg.bucket_mb:g} MiB buckets overlapped with backward"
+        if cfg.comm_hook in ("bf16", "fp16"):
+            what += f", compressed to {cfg.comm_hook}"
+        elif cfg.comm_hook == "powersgd":
+            what += f", PowerSGD rank {cfg.powersgd_rank} after {cfg.powersgd_warmup} exact steps"
+        else:
+            what += ", fp32"
+        return what + ("; parameter broadcast after the sharded optimizer step" if strategy == "zero1" else "")
+    gathers = "in forward" if strategy == "zero2" else "in forward and backward"
+    what = f"parameter all-gather {gathers}, gradient reduce-scatter in {cfg.reduce_dtype}"
+    if strategy == "hsdp":
+        what += f" inside each node, then all-reduce across the {nodes} nodes"
+    return what
+
+
 @dataclass
 class Choice:
     strategy: str

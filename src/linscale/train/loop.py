@@ -401,6 +401,9 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             epoch_samples,
         )
         summary["strategy"] = strategy + why
+        summary["communication"] = parallel.describe_communication(
+            strategy, cfg.parallel, topo.world_size, topo.num_nodes
+        )
         state_mb = torch.tensor([memory.get(k, 0) / 2**20 for k in ("params", "grads", "optimizer")],
                                 dtype=torch.float64)  # fmt: skip
         ldist.all_reduce(state_mb, "max")  # the fullest device
