@@ -39,6 +39,11 @@ class TrainConfig:
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no limit).")
     max_tokens: int = opt(0, "Stop after this many training tokens (0 = no limit).")
     max_time: float = opt(0.0, "Stop after this many seconds of training (0 = no limit).")
+    target_loss: float = opt(
+        0.0,
+        "Stop after the first evaluation whose loss is <= this value (0 = off; needs train.eval_every > 0 "
+        "and a task with eval_data). A budget (max_steps/max_tokens/max_time) is still required.",
+    )
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 = off).")
     seed: int = opt(1337, "Seed for model initialisation and data order.")
     eval_every: int = opt(0, "Evaluate every N steps and at the end (0 = only at the end).")
@@ -56,6 +61,13 @@ class TrainConfig:
             raise ConfigError(f"train.max_time must be >= 0 seconds, got {self.max_time}")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
+        if self.target_loss < 0:
+            raise ConfigError(f"train.target_loss must be >= 0 (0 = off), got {self.target_loss}")
+        if self.target_loss > 0 and self.eval_every < 1:
+            raise ConfigError(
+                f"train.target_loss={self.target_loss} is checked at evaluations, but train.eval_every="
+                f"{self.eval_every} evaluates only at the end; set train.eval_every=N (for example 100)"
+            )
         if self.max_steps == 0 and self.max_tokens == 0 and self.max_time == 0:
             raise ConfigError("no stop condition: set train.max_steps, train.max_tokens or train.max_time")
 

@@ -79,3 +79,44 @@ def test_activation_checkpointing_wraps_every_kth_block_and_keeps_results():
     for a, b in zip(before, grads(), strict=True):
         torch.testing.assert_close(a, b)
     assert checkpoint_blocks(list(blocks), 0) == 0
+
+
+def test_target_loss_needs_periodic_evaluation():
+    from linscale.config import TrainConfig
+
+    with pytest.raises(ConfigError, match=r"train.target_loss=2.0 .* set train.eval_every=N"):
+        TrainConfig(max_steps=5, target_loss=2.0)
+    with pytest.raises(ConfigError, match="train.target_loss must be >= 0"):
+        TrainConfig(max_steps=5, eval_every=1, target_loss=-1.0)
+    assert TrainConfig(max_steps=5, eval_every=10, target_loss=2.0).target_loss == 2.0
+
+
+def test_target_loss_needs_a_task_with_eval_data():
+    from linscale.task import Task
+
+    class NoEval(Task):
+        def build_model(self):
+            return torch.nn.Linear(1, 1)
+
+        def train_data(self, shard):
+            return torch.utils.data.TensorDataset(torch.zeros(8, 1))
+
+        def loss(self, model, batch):
+            return model(batch[0]).mean()
+
+    cfg = load_config(None, {"train": {"max_steps": "3", "eval_every": "1", "target_loss": "0.5"}}, None)
+    with pytest.raises(ConfigError, match="this task has no eval_data; define eval_data"):
+        plan_run(NoEval(), cfg, replicas=1)
+    gpt = load_config(None, {"train": {"max_steps": "3", "eval_every": "1", "target_loss": "0.5"}}, GPTTaskConfig)
+    assert plan_run(make_task(GPTTask, gpt), gpt, replicas=1)[1] == 3
+
+
+def test_perplexity_and_missing_values_in_the_summary():
+    import math
+
+    from linscale.train.metrics import format_summary, perplexity
+
+    assert perplexity(math.log(256)) == pytest.approx(256)
+    assert perplexity(1e6) == math.inf
+    text = format_summary({"steps_to_target": None, "time_to_target": 83.456, "target_reached": False})
+    assert "steps_to_target = n/a" in text and "time_to_target  = 0:01:23.46" in text

@@ -1,12 +1,37 @@
-"""A decoder-only transformer (GPT-2 layout), with exact parameter and FLOP counts."""
+"""A decoder-only transformer (GPT-2 layout), with exact parameter and FLOP counts.
+
+Options beyond GPT-2: rotary position embeddings (`pos="rotary"`, RoPE on queries and keys,
+no position parameters) and an untied output head (`tie_embeddings=False`). `SIZES` names the
+standard shapes; `GPTConfig.named("gpt2-124m")` builds one.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+POS_SCHEMES = ("learned", "rotary")
+
+#: Named shapes. All use the GPT-2 block (pre-LayerNorm, GELU MLP of 4 x width, biases).
+#: * tiny: the `make demo` model (0.84M parameters, byte vocabulary), trains on 2 CPU cores.
+#: * gpt2-124m / gpt2-350m: GPT-2 small and medium (124,439,808 and 354,823,168 parameters).
+#: * gpt2-1.3b: GPT-3 XL's shape (Brown et al. 2020, table 2.1: 24 layers, width 2048, context
+#:   2048, head size 128) with 2048 / 128 = 16 heads, as GPT-Neo 1.3B and Megatron's 1.3B use
+#:   (the table's "24 heads" does not divide the width); GPT-2 vocabulary and learned positions.
+#: * yuan-4.7b: Yuan 1.0's 4.7B shape (40 layers, hidden 3072, 24 heads, context 2048,
+#:   vocabulary 53,005) with rotary positions and a tied head: 4.69e9 parameters.
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, block_size=128, n_layer=4, n_head=4, d_model=128),
+    "gpt2-124m": dict(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, d_model=768),
+    "gpt2-350m": dict(vocab_size=50257, block_size=1024, n_layer=24, n_head=16, d_model=1024),
+    "gpt2-1.3b": dict(vocab_size=50257, block_size=2048, n_layer=24, n_head=16, d_model=2048),
+    "yuan-4.7b": dict(vocab_size=53005, block_size=2048, n_layer=40, n_head=24, d_model=3072, pos="rotary"),
+}
 
 
 @dataclass(kw_only=True)
@@ -18,19 +43,56 @@ class GPTConfig:
     d_model: int = 128
     mlp_ratio: int = 4
     dropout: float = 0.0
+    pos: str = "learned"  # "learned" (position embedding table) or "rotary" (RoPE on q and k)
+    tie_embeddings: bool = True  # the output head shares the token embedding's weight
+    rope_base: float = 10000.0
 
     def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.pos not in POS_SCHEMES:
+            raise ValueError(f"pos must be one of {', '.join(POS_SCHEMES)}; got {self.pos!r}")
         if self.d_model % self.n_head:
             raise ValueError(
                 f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
                 "pick n_head among the divisors of d_model"
             )
+        if self.pos == "rotary" and self.head_dim % 2:
+            raise ValueError(
+                f"pos='rotary' needs an even head size, got d_model/n_head = {self.d_model}/{self.n_head} = "
+                f"{self.head_dim}; change n_head or d_model so that their quotient is even"
+            )
+        if self.rope_base <= 1:
+            raise ValueError(f"rope_base must be > 1, got {self.rope_base!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def named(cls, name: str, **overrides: Any) -> GPTConfig:
+        """The named shape from `SIZES`, with fields replaced by `overrides`."""
+        if name not in SIZES:
+            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
+        return cls(**{**SIZES[name], **overrides})
 
     def num_params(self) -> int:
-        """Exact parameter count (the output projection is tied to the token embedding)."""
+        """Exact parameter count, from the configuration alone."""
         d, f, L = self.d_model, self.mlp_ratio * self.d_model, self.n_layer
         block = (2 * 2 * d) + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
-        return self.vocab_size * d + self.block_size * d + L * block + 2 * d
+        embeddings = self.vocab_size * d
+        if self.pos == "learned":
+            embeddings += self.block_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return embeddings + L * block + 2 * d + head
 
     def train_flops_per_token(self) -> int:
         """Matrix-product FLOPs of forward + backward for one token at full context.
@@ -38,10 +100,27 @@ class GPTConfig:
         Forward per layer and token: QKV, output, and the two MLP projections (2*d*(3d+d+2f)),
         plus attention scores and their weighted sum over the whole block (2 * 2*T*d, counted
         dense as the kernels compute it). The LM head adds 2*d*V. Backward costs twice forward.
+        Rotary positions and an untied head add no matrix products (RoPE is elementwise, and
+        `FlopCounterMode` counts only matrix products and convolutions), so the count is the
+        same for every `pos` and `tie_embeddings`.
         """
         d, f, L, T, V = self.d_model, self.mlp_ratio * self.d_model, self.n_layer, self.block_size, self.vocab_size
         forward = L * (2 * d * (4 * d + 2 * f) + 4 * T * d) + 2 * d * V
         return 3 * forward
+
+
+def rope_tables(T: int, head_dim: int, base: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (T, head_dim/2) each, in float32."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.arange(T, device=device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[i], x[i + h/2]) of x (B, heads, T, h) by position-dependent angles (RoPE)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -52,11 +131,13 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def forward(self, x_BTC: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BTC: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x_BTC.shape
         q, k, v = self.qkv(x_BTC).split(C, dim=2)
         # (B, T, C) -> (B, heads, T, C/heads)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -74,8 +155,8 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), rope)
         return x + self.mlp(self.ln2(x))
 
 
@@ -84,9 +165,11 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model)
+        # Rotary positions have no parameters: the rotation is computed in forward.
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.pos == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.apply(self._init)
         # GPT-2: scale the residual projections by 1/sqrt(2 * layers).
         for name, p in self.named_parameters():
@@ -103,12 +186,18 @@ class GPT(nn.Module):
     def forward(self, idx_BT: torch.Tensor) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T)."""
         T = idx_BT.shape[1]
-        pos = torch.arange(T, device=idx_BT.device)
-        x = self.tok_emb(idx_BT) + self.pos_emb(pos)
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence of {T} tokens is longer than the context block_size={self.cfg.block_size}")
+        x = self.tok_emb(idx_BT)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx_BT.device))
+        else:
+            rope = rope_tables(T, self.cfg.head_dim, self.cfg.rope_base, idx_BT.device)
         for block in self.blocks:
-            x = block(x)
-        # The output projection is tied to the token embedding.
-        return F.linear(self.ln_f(x), self.tok_emb.weight)
+            x = block(x, rope)
+        head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(self.ln_f(x), head)
 
     @torch.no_grad()
     def generate(

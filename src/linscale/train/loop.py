@@ -14,7 +14,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from linscale.config import RunConfig
+from linscale.config import ConfigError, RunConfig
 from linscale.runtime import device as devmod
 from linscale.runtime import dist as ldist
 from linscale.runtime import parallel, topology
@@ -48,6 +48,11 @@ def plan_run(task: Task, cfg: RunConfig, replicas: int) -> tuple[BatchPlan, int 
             raise ValueError("train.max_tokens needs a task with tokens_per_sample; use train.max_steps")
         limits.append(math.ceil(cfg.train.max_tokens / (plan.global_batch * tokens_per_sample)))
     total_steps = min(limits) if limits else None
+    if cfg.train.target_loss and getattr(type(task), "eval_data", None) in (None, Task.eval_data):
+        raise ConfigError(
+            f"train.target_loss={cfg.train.target_loss} needs evaluation, but this task has no eval_data; "
+            "define eval_data(shard) in the task or leave train.target_loss at 0"
+        )
     check_schedule(cfg.optim, total_steps)
     check_combination(cfg.runtime.precision, cfg.parallel.strategy, cfg.parallel, replicas)
     return plan, total_steps
@@ -279,6 +284,12 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         train_data, plan, topo, tc.seed, device, _loader_workers(tc.loader_workers, device)
     )
     eval_set = make_eval_set(task.eval_data(shard), plan.micro_batch, tc.eval_batches, topo)
+    if tc.target_loss and eval_set is None:
+        raise ConfigError(
+            f"train.target_loss={tc.target_loss} needs evaluation, but the task's eval_data is empty, iterable or "
+            f"smaller than one sample per replica ({topo.world_size}); give it held-out samples or leave "
+            "train.target_loss at 0"
+        )
     num_params = sum(p.numel() for p in model.parameters())
     strategy, why = cfg.parallel.strategy, ""
     if strategy == "auto":
@@ -309,6 +320,8 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     sync_every = 1 if tc.max_time else tc.log_every
     eval_loss = float("nan")
     eval_time = 0.0
+    target = tc.target_loss
+    target_at: tuple[int, float] | None = None  # (step, seconds since start) of the evaluation that reached it
     grad_norm = None
     start = steady_start = time.perf_counter()
     eval_time_at_warm = 0.0
@@ -338,7 +351,10 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 steady_start, eval_time_at_warm = time.perf_counter(), eval_time
             window_steps += 1
             last = step == total_steps
-            if step % sync_every == 0 or last:
+            eval_due = eval_set is not None and tc.eval_every > 0 and step % tc.eval_every == 0
+            # With a target every evaluation may end the run: reduce and log the loss window first.
+            target_sync = bool(target) and eval_due
+            if step % sync_every == 0 or last or target_sync:
                 stop = float(bool(tc.max_time) and time.perf_counter() - start - eval_time >= tc.max_time)
                 red = torch.stack(
                     [
@@ -355,7 +371,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 totals["steps"] += window_steps
                 now = time.perf_counter()
                 rate = window_steps * plan.global_batch * (tokens_per_sample or 1) / (now - window_start)
-                if step % tc.log_every == 0 or last or red[2] > 0:
+                if step % tc.log_every == 0 or last or red[2] > 0 or target_sync:
                     report.log(
                         step,
                         {
@@ -370,11 +386,18 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 loss_sum.zero_()
                 window_start, window_steps = now, 0
                 last = last or red[2] > 0
-            if eval_set is not None and (last or (tc.eval_every and step % tc.eval_every == 0)):
+            if eval_set is not None and (last or eval_due):
                 t_eval = time.perf_counter()
-                eval_loss = evaluate(task, model, eval_set, precision, device)
-                report.log(step, {"eval_loss": eval_loss})
-                report.print(f"step {step}: eval_loss {eval_loss:.4f}")
+                eval_loss = evaluate(task, model, eval_set, precision, device)  # all-reduced: one value everywhere
+                values = {"eval_loss": eval_loss}
+                if tokens_per_sample:  # a token task's loss is a mean cross-entropy in nats
+                    values["eval_perplexity"] = mx.perplexity(eval_loss)
+                report.log(step, values)
+                report.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+                if target and target_at is None and _reached_everywhere(eval_loss, target, device):
+                    target_at = (step, time.perf_counter() - start)
+                    report.print(f"step {step}: eval_loss {eval_loss:.4f} <= train.target_loss={target}, stopping")
+                    last = True
                 eval_time += time.perf_counter() - t_eval
                 window_start += time.perf_counter() - t_eval
             if last:
@@ -399,6 +422,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             precision,
             topo,
             epoch_samples,
+            _target_summary(target, target_at, plan, tokens_per_sample),
         )
         summary["strategy"] = strategy + why
         summary["communication"] = parallel.describe_communication(
@@ -431,6 +455,34 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         report.close()
 
 
+def _reached_everywhere(eval_loss: float, target: float, device: Device) -> bool:
+    """Whether the evaluation reached the target, decided identically on every rank.
+
+    `evaluate` all-reduces the loss, so every rank holds the same value; the decision is
+    still reduced (max: any rank's yes) so that ranks can never disagree about stopping."""
+    flag = torch.tensor([float(eval_loss <= target)], dtype=torch.float64, device=device.torch_device)
+    ldist.all_reduce(flag, "max")
+    return bool(flag.item() > 0)
+
+
+def _target_summary(
+    target: float, target_at: tuple[int, float] | None, plan: BatchPlan, tokens_per_sample: int | None
+) -> dict[str, Any]:
+    """The summary entries of train.target_loss; `time_to_target` includes evaluation time."""
+    if not target:
+        return {}
+    step, seconds = target_at if target_at else (None, None)
+    out: dict[str, Any] = {
+        "target_loss": target,
+        "target_reached": target_at is not None,
+        "steps_to_target": step,
+        "time_to_target": seconds,
+    }
+    unit, per_sample = ("tokens", tokens_per_sample) if tokens_per_sample else ("samples", 1)
+    out[f"{unit}_to_target"] = step * plan.global_batch * per_sample if step is not None else None
+    return out
+
+
 def _summary(
     steps: int,
     runtime: float,
@@ -446,6 +498,7 @@ def _summary(
     precision: Precision,
     topo: Topology,
     epoch_samples: int | None,
+    target: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     samples = steps * plan.global_batch
     # Steady state: the steps after warm-up, without evaluation. Phase means are averaged
@@ -470,7 +523,10 @@ def _summary(
         s["epoch"] = samples / epoch_samples
     if not math.isnan(eval_loss):
         s["eval_loss"] = eval_loss
+        if tokens_per_sample:
+            s["eval_perplexity"] = mx.perplexity(eval_loss)
         s["eval_runtime"] = eval_time
+    s.update(target or {})
     s["steady_steps_measured"] = steady[0] if steady else 0
     s["steady_step_time_ms"] = 1e3 * step_s
     s["steady_samples_per_second"] = steady_samples_s

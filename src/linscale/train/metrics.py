@@ -50,6 +50,14 @@ class StepTimes:
         return sum(v) / len(v) if v else 0.0
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss): the perplexity of a mean cross-entropy in nats (inf when it overflows)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return float("inf")
+
+
 def format_duration(seconds: float) -> str:
     """`83.456` -> `0:01:23.46`"""
     hundredths = round(seconds * 100)
@@ -61,10 +69,12 @@ def format_summary(summary: dict[str, Any], title: str = "train metrics") -> str
     width = max((len(k) for k in summary), default=0)
     lines = [f"***** {title} *****"]
     for key, value in summary.items():
-        if isinstance(value, float):
+        if value is None:
+            text = "n/a"
+        elif isinstance(value, float):
             if math.isnan(value):
                 text = "n/a"
-            elif key.endswith("runtime"):
+            elif key.endswith("runtime") or key.startswith("time_to_"):
                 text = format_duration(value)
             elif abs(value) >= 1e5 or (0 < abs(value) < 1e-3):
                 text = f"{value:.4g}"
