@@ -1,16 +1,24 @@
-"""Built-in `gpt` task: pretrain a small byte-level GPT on the Python standard library's source.
+"""Built-in `gpt` task: pretrain a GPT on token shards, or a small byte-level GPT on the standard library.
 
-Every machine with Python has this corpus, so the task runs offline anywhere. Bytes are the
-tokens (vocabulary 256): no tokenizer to train. Files are split into train and validation by
-a hash of their path, so the split does not depend on the corpus size setting.
+By default the corpus is the Python standard library's source, which every machine with Python
+has, so the task runs offline anywhere: bytes are the tokens (vocabulary 256), and files are
+split into train and validation by a hash of their path, so the split does not depend on the
+corpus size setting.
+
+With `task.data=DIR` (a directory written by `linscale preprocess`) the task trains on DIR's
+"train" split, evaluates on its "val" split, takes the vocabulary from DIR/index.json and
+decodes the final sample with DIR's tokenizer. `task.size` picks a named model shape from
+`linscale.models.gpt.SIZES`; `task.block_size` stays the training window length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,21 +26,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from linscale.config import opt
-from linscale.models.gpt import GPT, GPTConfig
+from linscale.models.gpt import GPT, POS_SCHEMES, SIZES, GPTConfig
 from linscale.task import DataShard, Task
+
+if TYPE_CHECKING:
+    from linscale.data import loader as shard_loader
+    from linscale.data.tokenizer import Tokenizer
 
 
 @dataclass(kw_only=True)
 class GPTTaskConfig:
-    n_layer: int = opt(4, "Transformer blocks.")
-    n_head: int = opt(4, "Attention heads.")
-    d_model: int = opt(128, "Model width.")
-    block_size: int = opt(128, "Context length in tokens (bytes).")
+    size: str = opt(
+        "",
+        f"A named model shape ({', '.join(SIZES)}); when set it fixes n_layer, n_head, d_model, pos and the "
+        "model's context, and those settings are ignored. block_size may still be set, up to the size's context. "
+        "The vocabulary always comes from the data, never from the size.",
+    )
+    n_layer: int = opt(4, "Transformer blocks (ignored when task.size is set).")
+    n_head: int = opt(4, "Attention heads (ignored when task.size is set).")
+    d_model: int = opt(128, "Model width (ignored when task.size is set).")
+    block_size: int = opt(
+        128,
+        "Tokens per training window. Without task.size it is also the model's context; with task.size the model "
+        "keeps the size's context and block_size must not exceed it.",
+    )
+    pos: str = opt(
+        "learned",
+        f"Position scheme: {' or '.join(POS_SCHEMES)} (ignored when task.size is set: the size's scheme is used).",
+    )
+    tie_embeddings: bool = opt(
+        True, "Share the token embedding with the output head (applies with task.size too; the sizes are tied)."
+    )
     dropout: float = opt(0.0, "Dropout probability.")
-    corpus_mb: float = opt(8.0, "Megabytes of the standard library's source to read (0 = all).")
-    corpus_dir: str = opt("", "Directory of text files to train on (default: the standard library).")
-    val_fraction: float = opt(0.05, "Fraction of files held out for evaluation.")
-    sample_tokens: int = opt(200, "Bytes generated at the end of the run (0 = none).")
+    data: str = opt(
+        "",
+        "A directory written by `linscale preprocess`: train on its 'train' split, evaluate on its 'val' split "
+        "(none when empty), take the vocabulary from its index and decode samples with its tokenizer. "
+        "Empty: bytes of the standard library (or task.corpus_dir).",
+    )
+    corpus_mb: float = opt(8.0, "Megabytes of the standard library's source to read (0 = all; without task.data).")
+    corpus_dir: str = opt("", "Directory of text files to train on (default: the standard library; without task.data).")
+    val_fraction: float = opt(0.05, "Fraction of files held out for evaluation (without task.data).")
+    sample_tokens: int = opt(200, "Tokens generated at the end of the run (0 = none).")
 
 
 def _corpus_files(root: Path) -> list[Path]:
@@ -81,6 +116,36 @@ class TokenWindows(torch.utils.data.Dataset):
         return torch.from_numpy(self.tokens[start : start + self.block_size + 1].astype(np.int64))
 
 
+def _data_error(data: str, problem: str) -> ValueError:
+    from linscale.data.shards import ShardError
+
+    return ShardError(f"task.data={data!r}: {problem}")
+
+
+def model_config(c: GPTTaskConfig, vocab_size: int) -> GPTConfig:
+    """The model's shape: the named `task.size`, or the explicit settings, with the data's vocabulary."""
+    if c.size:
+        if c.size not in SIZES:
+            raise ValueError(f"unknown task.size={c.size!r}; known sizes: {', '.join(SIZES)}")
+        cfg = GPTConfig.named(c.size, vocab_size=vocab_size, tie_embeddings=c.tie_embeddings, dropout=c.dropout)
+        if c.block_size > cfg.block_size:
+            raise ValueError(
+                f"task.block_size={c.block_size} is longer than the context of task.size={c.size} "
+                f"({cfg.block_size} tokens); set task.block_size <= {cfg.block_size}"
+            )
+        return cfg
+    return GPTConfig(
+        vocab_size=vocab_size,
+        block_size=c.block_size,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        d_model=c.d_model,
+        pos=c.pos,
+        tie_embeddings=c.tie_embeddings,
+        dropout=c.dropout,
+    )
+
+
 class GPTTask(Task):
     Config = GPTTaskConfig
     defaults = {
@@ -91,16 +156,70 @@ class GPTTask(Task):
     def __init__(self, config: GPTTaskConfig | None = None) -> None:
         super().__init__(config or GPTTaskConfig())
         c = self.config
-        self.model_cfg = GPTConfig(
-            vocab_size=256,
-            block_size=c.block_size,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            d_model=c.d_model,
-            dropout=c.dropout,
-        )
+        if c.block_size < 1:
+            raise ValueError(f"task.block_size must be a positive number of tokens, got {c.block_size}")
+        self._index: dict | None = None
+        self._tokenizer: Tokenizer | None = None
+        self._train: shard_loader.TokenWindows | None = None
+        vocab_size = 256
+        if c.data:
+            # Read and check the index and the train split now: the launcher builds the task before
+            # it starts workers, so a missing or unfinished directory is one message, not N failures.
+            self._index = self._read_index()
+            self._train = self._windows("train")
+            vocab_size = self._index["vocab_size"]
+        self.model_cfg = model_config(c, vocab_size)
         self.tokens_per_sample = c.block_size
         self._corpus: tuple[np.ndarray, np.ndarray] | None = None
+        if c.data and c.sample_tokens > 0:
+            self._tokenizer = self._load_tokenizer()  # fail before training, not at the end
+
+    # --- token shards (task.data) ---
+
+    def _read_index(self) -> dict:
+        from linscale.data.shards import ShardError, read_index
+
+        data = self.config.data
+        if not Path(data).is_dir():
+            raise _data_error(
+                data,
+                "no such directory; run `linscale preprocess CORPUS --out DIR` first, or point --task.data "
+                "at the directory it wrote",
+            )
+        try:
+            index = read_index(Path(data))
+        except ShardError as e:
+            raise _data_error(data, str(e)) from None
+        return index
+
+    def _windows(self, split: str) -> shard_loader.TokenWindows:
+        from linscale.data.loader import TokenWindows as ShardWindows
+        from linscale.data.shards import ShardError, ShardSet
+
+        data = self.config.data
+        try:
+            return ShardWindows(ShardSet(Path(data), split), self.config.block_size)
+        except ShardError as e:
+            raise _data_error(data, str(e)) from None
+
+    def _has_tokens(self, split: str) -> bool:
+        assert self._index is not None
+        entries = self._index["splits"].get(split) or []
+        return sum(e["tokens"] for e in entries) > self.config.block_size
+
+    def _load_tokenizer(self) -> Tokenizer:
+        from linscale.data.tokenizer import Tokenizer
+
+        assert self._index is not None
+        path = Path(self.config.data) / (self._index.get("tokenizer") or "tokenizer.json")
+        try:
+            return Tokenizer.load(path)
+        except ValueError as e:
+            raise _data_error(
+                self.config.data, f"{e}; rerun `linscale preprocess`, or set --task.sample_tokens=0 to skip the sample"
+            ) from None
+
+    # --- the byte corpus (default) ---
 
     def _data(self) -> tuple[np.ndarray, np.ndarray]:
         if self._corpus is None:
@@ -110,10 +229,15 @@ class GPTTask(Task):
     def build_model(self) -> nn.Module:
         return GPT(self.model_cfg)
 
-    def train_data(self, shard: DataShard) -> TokenWindows:
+    def train_data(self, shard: DataShard) -> torch.utils.data.Dataset:
+        if self._train is not None:
+            return self._train
         return TokenWindows(self._data()[0], self.config.block_size)
 
-    def eval_data(self, shard: DataShard) -> TokenWindows:
+    def eval_data(self, shard: DataShard) -> torch.utils.data.Dataset | None:
+        if self.config.data:
+            # A split without a whole window (or no val split at all) means no evaluation.
+            return self._windows("val") if self._has_tokens("val") else None
         return TokenWindows(self._data()[1], self.config.block_size)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -122,18 +246,27 @@ class GPTTask(Task):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
     def flops_per_sample(self) -> float:
-        return self.model_cfg.train_flops_per_token() * self.config.block_size
+        # Attention costs depend on the sequence length, so count at the window, not the model's context.
+        window = dataclasses.replace(self.model_cfg, block_size=self.config.block_size)
+        return window.train_flops_per_token() * self.config.block_size
 
     def final_report(self, model: nn.Module) -> str | None:
         if self.config.sample_tokens <= 0:
             return None
-        prompt = b"def "
+        if self.config.data:
+            tok = self._tokenizer or self._load_tokenizer()
+            prompt = [tok.eos_id]  # the start of a new document
+        else:
+            tok, prompt = None, list(b"def ")
         device = next(model.parameters()).device
-        idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)
         gen = torch.Generator(device=device).manual_seed(0)
         was_training = model.training
         model.eval()
         out = model.generate(idx, self.config.sample_tokens, generator=gen)
         model.train(was_training)
-        text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+        if tok is None:
+            text = bytes(out[0].tolist()).decode("utf-8", errors="replace")
+        else:
+            text = tok.decode(out[0, len(prompt) :].tolist())
         return "generated sample:\n" + text
