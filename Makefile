@@ -15,8 +15,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# The demo: tokenize the standard library's Python source with a BPE tokenizer trained on it
+# (a rerun finds the shards done), then pretrain the gpt task's small model on them.
+DEMO_DATA := runs/data/stdlib-bpe4096
+DEMO_FILES := --include '*.py' --exclude 'site-packages/*' --exclude 'test/*' --exclude '*/test/*' \
+	--exclude '*/tests/*' --exclude '*/idle_test/*'
 demo: $(STAMP)
-	$(BIN)/linscale train gpt
+	$(BIN)/linscale preprocess "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')" \
+		--out $(DEMO_DATA) --tokenizer bpe --vocab-size 4096 $(DEMO_FILES)
+	$(BIN)/linscale train gpt --task.data=$(DEMO_DATA) --train.max_steps=500
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(CHECKED)
@@ -29,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_overhead.py
 	$(BIN)/python benchmarks/bench_links.py
 	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/bench_preprocess.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -52,6 +52,7 @@ CANDIDATES: dict[str, list[str]] = {
     "bf16 hook bucket 1": ["--parallel.comm_hook=bf16", "--parallel.bucket_mb=1"],
     "fp16 hook": ["--parallel.comm_hook=fp16"],
     # PowerSGD's warm-up (exact steps) is 2 here so that the steady steps measure the compressed steady state.
+    "powersgd r2": ["--parallel.comm_hook=powersgd", "--parallel.powersgd_rank=2", "--parallel.powersgd_warmup=2"],
     "powersgd r1": ["--parallel.comm_hook=powersgd", "--parallel.powersgd_rank=1", "--parallel.powersgd_warmup=2"],
     "powersgd r4": ["--parallel.comm_hook=powersgd", "--parallel.powersgd_rank=4", "--parallel.powersgd_warmup=2"],
     "powersgd r8": ["--parallel.comm_hook=powersgd", "--parallel.powersgd_rank=8", "--parallel.powersgd_warmup=2"],

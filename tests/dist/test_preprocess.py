@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from linscale.data.preprocess import EXIT_AFTER_ENV
+from linscale.data.preprocess import EXIT_AFTER_ENV, SUMMARY_FILE
 from linscale.data.tokenizer import EOS, Tokenizer, train_bpe
 
 pytestmark = pytest.mark.dist
@@ -46,7 +46,7 @@ def files_of(out: Path) -> dict[str, bytes]:
     return {
         p.relative_to(out).as_posix(): p.read_bytes()
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name != "index.json" and ".workers" not in p.parts
+        if p.is_file() and p.name not in ("index.json", SUMMARY_FILE) and ".workers" not in p.parts
     }
 
 
@@ -113,6 +113,23 @@ def test_one_and_three_workers_write_identical_shards(linscale, tmp_path):
     expected = [p.read_text() for p in sorted(corpus.rglob("doc*.txt"))] + [big.decode()]
     got = documents(tmp_path / "one")
     assert all(doc in got for doc in expected)
+
+
+def test_static_split_writes_what_the_queue_writes_and_both_report_their_balance(linscale, tmp_path):
+    corpus = make_corpus(tmp_path)
+    common = ["preprocess", str(corpus), "--unit-mb=0.02", "--val-fraction=0.1", "--nproc-per-node=2", *QUIET]
+    summaries = {}
+    for schedule in ("dynamic", "static"):
+        run = linscale(*common, "--out", str(tmp_path / schedule), f"--schedule={schedule}", timeout=TIMEOUT)
+        assert run.returncode == 0, run.output
+        summaries[schedule] = json.loads((tmp_path / schedule / SUMMARY_FILE).read_text())
+    a, b = files_of(tmp_path / "dynamic"), files_of(tmp_path / "static")
+    assert sorted(a) == sorted(b) and [name for name in a if a[name] != b[name]] == []
+    for schedule, s in summaries.items():
+        assert s["schedule"].startswith(schedule) and s["workers"] == 2
+        # The units' busy time spread over 2 workers cannot exceed the time the units took.
+        assert 0 < s["busy_seconds_all_workers"] / 2 <= s["units_seconds"] * 1.001, s
+        assert 0 < s["balance"] <= 1.001
 
 
 def test_killed_run_leaves_no_index_and_the_rerun_resumes(linscale, tmp_path):

@@ -233,3 +233,15 @@ def test_options_are_checked_before_the_job(tmp_path, change, message):
     assert message in str(err.value)
     assert not (tmp_path / "out").exists() and not (corpus / "shards").exists()
     assert check(Options(corpus=corpus, out=tmp_path / "out"))[2] == "fresh"
+
+
+def test_include_and_exclude_globs_choose_the_files(tmp_path):
+    for rel in ("a.py", "pkg/b.py", "pkg/notes.txt", "site-packages/c.py", "pkg/test/d.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"text of {rel}\n")
+    everything = {f.rel for f in plan_corpus(tmp_path, 1000, 0.0).files}
+    assert everything == {"a.py", "pkg/b.py", "pkg/notes.txt", "site-packages/c.py", "pkg/test/d.py"}
+    py = plan_corpus(tmp_path, 1000, 0.0, include=("*.py",), exclude=("site-packages/*", "*/test/*"))
+    assert {f.rel for f in py.files} == {"a.py", "pkg/b.py"}
+    with pytest.raises(PreprocessError, match="nothing usable"):
+        plan_corpus(tmp_path, 1000, 0.0, include=("*.rs",))

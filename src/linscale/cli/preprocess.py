@@ -34,6 +34,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--unit-mb", type=float, default=64.0, help="files larger than this are cut into ranges (64)")
     p.add_argument("--sample-mb", type=float, default=64.0, help="MB of the corpus BPE is trained on (default: 64)")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="take only files whose path under CORPUS matches GLOB (repeatable; '*' crosses directories, "
+        "so '*.py' takes Python files at any depth)",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files whose path under CORPUS matches GLOB (repeatable), e.g. 'site-packages/*'",
+    )
+    p.add_argument(
+        "--schedule",
+        choices=("dynamic", "static"),
+        default="dynamic",
+        help="dynamic (default): workers take the next unit, largest first; static: a fixed round-robin split "
+        "of the units, for comparison",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a worker may wait for the others (1800)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_launch_args(p)
@@ -53,6 +75,9 @@ def _options(args: argparse.Namespace):
         sample_mb=args.sample_mb,
         timeout=args.timeout,
         progress=not args.no_progress,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        schedule=args.schedule,
     )
 
 

@@ -22,6 +22,7 @@ lines, then EOS.
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import hashlib
 import itertools
 import json
@@ -44,6 +45,7 @@ PLAN_FILE = "plan.json"
 TICKET_KEY = "linscale/preprocess/ticket"
 # Test hook: a worker exits (as if killed) after writing this many units in this run.
 EXIT_AFTER_ENV = "LINSCALE_TEST_PREPROCESS_EXIT_AFTER"
+SUMMARY_FILE = "preprocess_summary.json"  # the figures of the last run that finished, beside index.json
 LOOKED_FOR = (
     'text files (one document each: .txt, .md, .py, any UTF-8 text) and JSONL files (.jsonl, a "text" field per line)'
 )
@@ -140,15 +142,21 @@ def sniff(path: Path, size: int) -> str | None:
     return None
 
 
-def _walk(corpus: Path) -> Iterator[tuple[str, Path]]:
-    """(relative path, path) of every non-hidden file under `corpus`, sorted."""
+def _walk(corpus: Path, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> Iterator[tuple[str, Path]]:
+    """(relative path, path) of every non-hidden file under `corpus`, sorted; `include`/`exclude` are
+    glob patterns matched against the relative path (`*` also crosses directories: `*.py`, `test/*`)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(corpus):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith("."):
                 p = Path(dirpath) / name
-                found.append((p.relative_to(corpus).as_posix(), p))
+                rel = p.relative_to(corpus).as_posix()
+                if include and not any(fnmatch.fnmatchcase(rel, g) for g in include):
+                    continue
+                if any(fnmatch.fnmatchcase(rel, g) for g in exclude):
+                    continue
+                found.append((rel, p))
     yield from sorted(found)
 
 
@@ -158,7 +166,9 @@ def split_key(rel: str, start: int) -> float:
     return int.from_bytes(digest, "big") / 2**64
 
 
-def plan_corpus(corpus: Path, unit_bytes: int, val_fraction: float) -> Plan:
+def plan_corpus(
+    corpus: Path, unit_bytes: int, val_fraction: float, include: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+) -> Plan:
     """Cut the corpus into units (deterministic: the same corpus gives the same plan everywhere)."""
     corpus = Path(corpus)
     if unit_bytes < 1:
@@ -168,7 +178,7 @@ def plan_corpus(corpus: Path, unit_bytes: int, val_fraction: float) -> Plan:
     if not corpus.exists():
         raise PreprocessError(f"corpus {corpus} does not exist; give a text or JSONL file or a directory of them")
     if corpus.is_dir():
-        root, listing = corpus, list(_walk(corpus))
+        root, listing = corpus, list(_walk(corpus, include, exclude))
     else:
         root, listing = corpus.parent, [(corpus.name, corpus)]
     files: list[CorpusFile] = []
@@ -189,7 +199,11 @@ def plan_corpus(corpus: Path, unit_bytes: int, val_fraction: float) -> Plan:
         files.append(CorpusFile(rel, st.st_size, st.st_mtime_ns, kind))
     if not files:
         found = f"; the {len(skipped)} file(s) found were skipped ({_describe_skipped(skipped)})" if skipped else ""
-        raise PreprocessError(f"corpus {corpus} holds nothing usable: looked for {LOOKED_FOR}{found}")
+        filters = "".join(
+            f" {flag} {' '.join(globs)}" for flag, globs in (("--include", include), ("--exclude", exclude)) if globs
+        )
+        chosen = f" (with{filters}: check the patterns, matched against paths under the corpus)" if filters else ""
+        raise PreprocessError(f"corpus {corpus} holds nothing usable{chosen}: looked for {LOOKED_FOR}{found}")
 
     units: list[Unit] = []
     keys: list[float] = []
@@ -478,13 +492,18 @@ class Options:
     sample_mb: float = 64.0
     timeout: float = 1800.0
     progress: bool = True
+    include: tuple[str, ...] = ()  # glob patterns of relative paths to take (default: every file)
+    # "dynamic": workers take the next unit, largest first, from the shared counter; "static": worker r
+    # takes units r, r + W, r + 2W, ... of the plan, a fixed split kept for comparison (make bench).
+    schedule: str = "dynamic"
+    exclude: tuple[str, ...] = ()  # glob patterns of relative paths to leave out
 
     @property
     def unit_bytes(self) -> int:
         return max(1, int(self.unit_mb * 2**20))
 
     def plan(self) -> Plan:
-        return plan_corpus(self.corpus, self.unit_bytes, self.val_fraction)
+        return plan_corpus(self.corpus, self.unit_bytes, self.val_fraction, self.include, self.exclude)
 
 
 def check(opts: Options) -> tuple[Plan, str, str]:
@@ -526,12 +545,12 @@ def done_message(out: Path) -> str:
 class Tickets:
     """The next unit to take: a counter in the job's store, or a local one for a single process."""
 
-    def __init__(self) -> None:
+    def __init__(self, local: bool = False) -> None:
         from linscale.runtime import dist as ldist
 
         self.store = None
         self.local = 0
-        if ldist.active():
+        if ldist.active() and not local:
             from torch.distributed.distributed_c10d import _get_default_store
 
             self.store = _get_default_store()
@@ -661,17 +680,26 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
             bar = tqdm(total=plan.total_bytes, desc="preprocess", unit="B", unit_scale=True, dynamic_ncols=True)
 
     exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
-    tickets = Tickets()
-    done = {"bytes": 0, "tokens": 0, "units": 0, "resumed": 0}
-    taken = list(itertools.accumulate(u.nbytes for u in order))
+    done = {"bytes": 0, "tokens": 0, "units": 0, "resumed": 0, "busy": 0.0}
+    if opts.schedule == "static":
+        order = plan.units[topo.rank :: topo.world_size]
+        tickets = Tickets(local=True)
+        taken = list(itertools.accumulate(u.nbytes * topo.world_size for u in order))  # rank 0's share, scaled
+    else:
+        tickets = Tickets()
+        taken = list(itertools.accumulate(u.nbytes for u in order))
+    ldist.barrier()
+    work_start = time.perf_counter()
     while (t := tickets.take()) < len(order):
         if bar is not None:
-            bar.update(taken[t] - bar.n)  # bytes taken by all workers so far
+            bar.update(min(plan.total_bytes, taken[t]) - bar.n)  # bytes taken by all workers so far
         unit = order[t]
         if done_marker(out, unit, dtype.itemsize) is not None:
             done["resumed"] += 1
             continue
+        u0 = time.perf_counter()
         marker = process_unit(plan, unit, out, tokenizer, dtype)
+        done["busy"] += time.perf_counter() - u0
         done["bytes"] += unit.nbytes
         done["tokens"] += marker["stats"]["tokens"]
         done["units"] += 1
@@ -685,8 +713,9 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
             hard_exit(1)
 
     ldist.barrier()  # every ticket is taken and every unit written
+    work_seconds = time.perf_counter() - work_start  # the makespan of the units
     counts = ldist.all_reduce(
-        torch.tensor([done[k] for k in ("bytes", "tokens", "units", "resumed")], dtype=torch.float64)
+        torch.tensor([done[k] for k in ("bytes", "tokens", "units", "resumed", "busy")], dtype=torch.float64)
     )
     if not main:
         return
@@ -706,7 +735,10 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
     source = {"corpus": str(plan.corpus.resolve()), "tokenizer": spec, "fingerprint": fingerprint}
     index = build_index(plan, markers, tokenizer, dtype, source, seconds)
     write_index(out, index)
-    run_bytes, run_tokens, run_units, resumed = (int(v) for v in counts.tolist())
+    run_bytes, run_tokens, run_units, resumed = (int(v) for v in counts.tolist()[:4])
+    busy = counts[4].item()
+    # Balance: the ideal makespan (all busy time spread evenly over the workers) / the measured one.
+    balance = busy / topo.world_size / work_seconds if work_seconds > 0 and busy > 0 else float("nan")
     s = index["stats"]
     summary = {
         "preprocess_runtime": seconds,
@@ -722,11 +754,16 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
         "skipped_files": s["skipped_files"],
         "skipped_records": s["skipped_records"],
         "workers": topo.world_size,
+        "schedule": opts.schedule + (" (largest first, shared counter)" if opts.schedule == "dynamic" else ""),
+        "units_seconds": work_seconds,
+        "busy_seconds_all_workers": busy,
+        "balance": balance,
         "tokenizer": f"{tokenizer.name} (vocab {tokenizer.vocab_size})",
         "dtype": dtype.name,
         "output": str(out),
     }
     from linscale.train.metrics import format_summary
 
+    _write_json(out / SUMMARY_FILE, summary)
     print(format_summary(summary, "preprocess metrics"), flush=True)
     sys.stdout.flush()
