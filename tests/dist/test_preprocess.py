@@ -262,3 +262,36 @@ def test_bad_input_is_reported_before_any_worker_starts(linscale, tmp_path):
     no_tok = linscale("preprocess", str(empty), "--out", str(tmp_path / "out"), "--tokenizer", "missing.json")
     assert no_tok.returncode == 2 and "--tokenizer missing.json: no such file" in no_tok.stderr, no_tok.output
     assert not (tmp_path / "out").exists()
+
+
+def test_a_vocabulary_above_uint16_is_stored_as_uint32_and_said_once(linscale, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    # A byte-level BPE whose vocabulary (70,000 tokens, no merges) does not fit uint16: ids of
+    # the byte alphabet come after 69,743 filler tokens, so every id in the shards is above 65535.
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {f"<filler{i}>": i for i in range(70_000 - len(alphabet))}
+    vocab.update({ch: len(vocab) + i for i, ch in enumerate(sorted(alphabet))})
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens([EOS])
+    path = tmp_path / "wide.json"
+    hf.save(str(path))
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = ["wide vocabulary ü 数据\n", "second document\nwith two lines\n"]
+    for i, text in enumerate(texts):
+        (corpus / f"d{i}.txt").write_text(text)
+    out = tmp_path / "out"
+    run = linscale("preprocess", str(corpus), "--out", str(out), f"--tokenizer={path}", "--val-fraction=0",
+                   "--nproc-per-node=2", *QUIET, timeout=TIMEOUT)  # fmt: skip
+    assert run.returncode == 0, run.output
+    assert run.stdout.count("are stored as uint32") == 1, run.stdout
+    index = json.loads((out / "index.json").read_text())
+    assert index["dtype"] == "uint32" and index["vocab_size"] > 65536
+    stream = split_stream(out, "train")
+    assert stream.dtype == np.uint32 and stream.max() > 65535
+    assert sorted(documents(out)) == sorted(texts)

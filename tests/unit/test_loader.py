@@ -91,3 +91,19 @@ def test_step_sampler_ranks_split_the_step(tmp_path):
         for k in range(s.plan.accum_steps):
             expected = torch.stack([ds[i] for i in s.micro_indices(0, k)])
             assert torch.equal(next(batches), expected)
+
+
+def test_a_loader_started_at_a_saved_step_continues_the_stream_exactly(tmp_path):
+    shards, _ = make_set(tmp_path, [700, 500])
+    ds = TokenWindows(shards, 8)
+    plan = plan_batch(8, 2, 2)  # 2 replicas, 2 micro-steps each
+    whole = StepSampler(len(ds), plan, rank=1, seed=5)
+    uninterrupted = iter(torch.utils.data.DataLoader(ds, batch_sampler=whole))
+    steps = whole.steps_per_epoch + 3  # across an epoch boundary
+    expected = [next(uninterrupted) for _ in range(steps * plan.accum_steps)]
+    saved = 4  # the position a checkpoint holds: the next step to train
+    resumed = StepSampler(len(ds), plan, rank=1, seed=5)
+    resumed.start_step = saved
+    got = iter(torch.utils.data.DataLoader(ds, batch_sampler=resumed))
+    for batch in expected[saved * plan.accum_steps :]:
+        assert torch.equal(next(got), batch)
