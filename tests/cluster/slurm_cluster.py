@@ -429,3 +429,25 @@ def slurm_cluster(start_timeout: float = 60) -> Iterator[SlurmCluster]:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     assert not problems, "; ".join(problems)
+
+
+def assert_preprocess_like_one_process(launcher: list[str], env: dict[str, str], tmp_path: Path) -> None:
+    """`launcher linscale preprocess` (2 ranks) writes the same shards as one process: the work queue
+    lives in the job's store, which the launcher's ranks set up like any other job."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(9):
+        lines = (f"document {i} line {j} " + "x" * (i * j % 50) + "\n" for j in range(40 * (i + 1)))
+        (corpus / f"d{i}.txt").write_text("".join(lines))
+    outs = {}
+    for name, prefix in (("launcher", launcher), ("one", [])):
+        outs[name] = tmp_path / name
+        cmd = [*prefix, sys.executable, "-m", "linscale", "preprocess", str(corpus), f"--out={outs[name]}",
+               "--unit-mb=0.002", "--no-progress", *([] if prefix else ["--nproc-per-node=1"])]  # fmt: skip
+        res = run_tagged(cmd, env=env, timeout=120)
+        assert res.returncode == 0, res.output
+    shards = {name: sorted(p.relative_to(out) for p in out.rglob("*.bin")) for name, out in outs.items()}
+    assert shards["launcher"] == shards["one"] and len(shards["one"]) > 9  # larger files cut in ranges
+    for rel in shards["one"]:
+        assert (outs["launcher"] / rel).read_bytes() == (outs["one"] / rel).read_bytes(), rel
+    assert json.loads((outs["launcher"] / "preprocess_summary.json").read_text())["workers"] == 2

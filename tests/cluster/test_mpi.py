@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 
@@ -12,6 +11,7 @@ from .slurm_cluster import (
     PRINT_TOPOLOGY,
     STEPS,
     TINY_GPT,
+    assert_preprocess_like_one_process,
     assert_same_losses,
     clean_env,
     parse_topologies,
@@ -85,21 +85,4 @@ def test_mpirun_over_several_nodes_without_master_addr_says_what_to_pass(env):
 
 
 def test_mpirun_two_ranks_preprocess_like_one_process(env, tmp_path):
-    # The work queue lives in the job's store, which the MPI ranks set up like any other job.
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(9):
-        (corpus / f"d{i}.txt").write_text("".join(f"document {i} line {j} " + "x" * (i * j % 50) + "\n"
-                                                  for j in range(40 * (i + 1))))  # fmt: skip
-    outs = {}
-    for name, prefix in (("mpi", MPIRUN), ("one", [])):
-        outs[name] = tmp_path / name
-        cmd = [*prefix, sys.executable, "-m", "linscale", "preprocess", str(corpus), f"--out={outs[name]}",
-               "--unit-mb=0.002", "--no-progress", *([] if prefix else ["--nproc-per-node=1"])]  # fmt: skip
-        res = run_tagged(cmd, env=env, timeout=120)
-        assert res.returncode == 0, res.output
-    shards = {name: sorted(p.relative_to(out) for p in out.rglob("*.bin")) for name, out in outs.items()}
-    assert shards["mpi"] == shards["one"] and len(shards["one"]) > 9  # the larger files were cut in ranges
-    for rel in shards["one"]:
-        assert (outs["mpi"] / rel).read_bytes() == (outs["one"] / rel).read_bytes(), rel
-    assert json.loads((outs["mpi"] / "preprocess_summary.json").read_text())["workers"] == 2
+    assert_preprocess_like_one_process(MPIRUN, env, tmp_path)

@@ -15,6 +15,7 @@ from .slurm_cluster import (
     PRINT_TOPOLOGY,
     STEPS,
     TINY_GPT,
+    assert_preprocess_like_one_process,
     assert_same_losses,
     clean_env,
     parse_topologies,
@@ -74,6 +75,10 @@ def test_srun_two_tasks_train_like_two_local_processes(env, tmp_path, tmp_path_f
     assert read_summary(run_dir)["world_size"] == 2
     assert res.stdout.count("***** train metrics *****") == 1  # only rank 0 reports
     assert_same_losses(read_losses(run_dir), reference_losses(tmp_path_factory.getbasetemp()))
+
+
+def test_srun_two_tasks_preprocess_like_one_process(env, tmp_path):
+    assert_preprocess_like_one_process(["srun", "-n", "2", "-t", "5", "--kill-on-bad-exit=1"], env, tmp_path)
 
 
 def test_generated_batch_script_runs_to_completion(env, tmp_path, tmp_path_factory):
