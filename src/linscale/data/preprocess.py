@@ -325,16 +325,9 @@ def sample_texts(plan: Plan, max_bytes: int) -> Iterator[str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from linscale.data.shards import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=1).encode("utf-8"))
 
 
 def marker_path(out: Path, unit: Unit) -> Path:

@@ -53,7 +53,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes | memoryview) -> None:
+def atomic_write(path: Path, data: bytes | memoryview) -> None:
+    """Write `path` whole or not at all: a temp file beside it, fsync, rename, fsync of the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -88,14 +89,14 @@ def write_shard(out_dir: Path, rel_file: str, tokens: np.ndarray, dtype: np.dtyp
             f"pass dtype=token_dtype(vocab_size) or convert with .astype(token_dtype(vocab_size))"
         )
     data = np.ascontiguousarray(arr.ravel(), dtype=DTYPES[arr.dtype.name]).tobytes()
-    _atomic_write(Path(out_dir) / rel, data)
+    atomic_write(Path(out_dir) / rel, data)
     return {"file": rel.as_posix(), "tokens": int(arr.size), "crc32": zlib.crc32(data)}
 
 
 def write_index(out_dir: Path, index: dict) -> None:
     """Write OUT/index.json atomically; call it last, once every shard is written."""
     _check_index(index, Path(out_dir) / INDEX)
-    _atomic_write(Path(out_dir) / INDEX, (json.dumps(index, indent=1) + "\n").encode())
+    atomic_write(Path(out_dir) / INDEX, (json.dumps(index, indent=1) + "\n").encode())
 
 
 def _check_index(index: Any, where: Path) -> None:

@@ -8,7 +8,6 @@ encoded as ordinary text), so only the data pipeline puts it in the stream.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -68,16 +67,9 @@ class Tokenizer:
             text = json.dumps({"type": "bytes", "vocab_size": self.vocab_size, "eos": EOS, "eos_id": self.eos_id})
         else:
             text = self._tok.to_str()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from linscale.data.shards import atomic_write
+
+        atomic_write(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path: Path) -> Tokenizer:
