@@ -394,7 +394,8 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                     values["eval_perplexity"] = mx.perplexity(eval_loss)
                 report.log(step, values)
                 report.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-                if target and target_at is None and _reached_everywhere(eval_loss, target, device):
+                # evaluate() all-reduces the loss: every rank compares the same value and stops alike.
+                if target and target_at is None and eval_loss <= target:
                     target_at = (step, time.perf_counter() - start)
                     report.print(f"step {step}: eval_loss {eval_loss:.4f} <= train.target_loss={target}, stopping")
                     last = True
@@ -453,16 +454,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         return summary
     finally:
         report.close()
-
-
-def _reached_everywhere(eval_loss: float, target: float, device: Device) -> bool:
-    """Whether the evaluation reached the target, decided identically on every rank.
-
-    `evaluate` all-reduces the loss, so every rank holds the same value; the decision is
-    still reduced (max: any rank's yes) so that ranks can never disagree about stopping."""
-    flag = torch.tensor([float(eval_loss <= target)], dtype=torch.float64, device=device.torch_device)
-    ldist.all_reduce(flag, "max")
-    return bool(flag.item() > 0)
 
 
 def _target_summary(
