@@ -50,6 +50,14 @@ class TrainConfig:
     eval_batches: int = opt(8, "Micro-batches per replica in one evaluation.")
     log_every: int = opt(10, "Reduce the loss across replicas and log every N steps.")
     loader_workers: int = opt(-1, "Data-loader worker processes per replica (-1 = auto).")
+    max_nonfinite: int = opt(
+        5,
+        "Skip a step whose loss or gradient is NaN/Inf, and stop the run after this many in a row "
+        "(0 = no check: saves one host synchronisation per step).",
+    )
+    spike_factor: float = opt(
+        3.0, "Report a loss spike when a logged loss exceeds this multiple of the recent mean (0 = off)."
+    )
 
     def __post_init__(self) -> None:
         for name in ("global_batch", "global_batch_tokens", "micro_batch", "max_steps", "max_tokens"):
@@ -59,6 +67,10 @@ class TrainConfig:
             raise ConfigError("train.global_batch must be >= 1 (or set train.global_batch_tokens)")
         if self.max_time < 0:
             raise ConfigError(f"train.max_time must be >= 0 seconds, got {self.max_time}")
+        if self.max_nonfinite < 0:
+            raise ConfigError(f"train.max_nonfinite must be >= 0 (0 = no check), got {self.max_nonfinite}")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise ConfigError(f"train.spike_factor must be > 1 (or 0 = off), got {self.spike_factor}")
         if self.log_every < 1:
             raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
         if self.target_loss < 0:
@@ -165,6 +177,30 @@ class RuntimeConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    interval: int = opt(1000, "Save a checkpoint every N optimizer steps (0 = only at the end).")
+    at_end: bool = opt(True, "Save a checkpoint when the run ends (also when stopped by a signal).")
+    keep_last: int = opt(3, "Keep the newest N checkpoints and delete older ones (0 = keep all).")
+    async_save: bool = opt(
+        False, "Write checkpoints in the background: training waits only for the copy to host memory."
+    )
+    dir: str = opt("", "Where checkpoints go (default: RUN_DIR/checkpoints; shared by every node).")
+    resume: str = opt(
+        "auto",
+        "auto (continue from the newest complete checkpoint in the checkpoint folder, if any), none, or a "
+        "path: a checkpoint, a checkpoints folder or a run directory.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ConfigError(f"checkpoint.interval must be >= 0 (0 = only at the end), got {self.interval}")
+        if self.keep_last < 0:
+            raise ConfigError(f"checkpoint.keep_last must be >= 0 (0 = keep all), got {self.keep_last}")
+        if not self.resume:
+            raise ConfigError("checkpoint.resume must be auto, none or a path")
+
+
+@dataclass(kw_only=True)
 class LogConfig:
     dir: str = opt("", "Run directory (default: runs/<task>-<time>).")
     progress: bool = opt(True, "Show a progress bar on rank 0.")
@@ -178,6 +214,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     task: Any = None  # the task's own Config dataclass instance, or None
 
@@ -187,6 +224,7 @@ SECTIONS: dict[str, type] = {
     "optim": OptimConfig,
     "parallel": ParallelConfig,
     "runtime": RuntimeConfig,
+    "checkpoint": CheckpointConfig,
     "log": LogConfig,
 }
 

@@ -66,8 +66,8 @@ def test_fp32_step_clips_then_steps():
     p.backward(_loss(model))
     before = [q.detach().clone() for q in model.parameters()]
     calls = []
-    norm = p.step(opt, lambda: calls.append("clip") or torch.tensor(1.0))
-    assert calls == ["clip"] and norm == 1.0
+    norm, ok = p.step(opt, lambda: calls.append("clip") or torch.tensor(1.0))
+    assert calls == ["clip"] and norm == 1.0 and ok is True
     assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert p.skipped_steps == 0
 
@@ -92,7 +92,8 @@ def test_fp16_scales_the_loss_and_clips_the_unscaled_gradients(fused):
         seen["grads"] = [q.grad.clone() for q in model.parameters()]
         return torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
 
-    norm = p.step(opt, clip)
+    norm, ok = p.step(opt, clip, check_finite=True)
+    assert ok is True
     # backward produced scaled gradients; clipping saw (and the norm reports) the true ones.
     for s, g in zip(scaled, seen["grads"], strict=True):
         torch.testing.assert_close(s / scale, g)
@@ -114,8 +115,8 @@ def test_fp16_skips_a_step_with_inf_or_nan_gradients(fused, bad):
     states = {k: v.clone() for k, v in opt.state[model[0].weight].items()}
     scale = p.scaler.get_scale()
     p.backward(_loss(model) + model[0].weight[0, 0] * bad)
-    norm = p.step(opt, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
-    assert not math.isfinite(norm)
+    norm, ok = p.step(opt, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+    assert not math.isfinite(norm) and not bool(ok)
     for a, b in zip(before, model.parameters(), strict=True):
         assert torch.equal(a, b), "the update was not skipped"
     for k, v in opt.state[model[0].weight].items():
@@ -182,3 +183,16 @@ def test_new_settings_are_checked_and_list_their_choices():
         ParallelConfig(powersgd_warmup=1)
     with pytest.raises(ConfigError, match="powersgd_rank must be >= 1"):
         ParallelConfig(powersgd_rank=0)
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_fp32_check_finite_skips_a_nonfinite_step(bad):
+    model, opt = _model_and_opt()
+    p = Precision("fp32", "cpu")
+    p.backward(_loss(model) + model[0].weight[0, 0] * bad)
+    before = [q.detach().clone() for q in model.parameters()]
+    norm, ok = p.step(opt, lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0), check_finite=True)
+    assert ok is False and not math.isfinite(norm)
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b), "the update was not skipped"
+    assert not opt.state, "the optimizer took a step"

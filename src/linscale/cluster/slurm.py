@@ -191,3 +191,26 @@ def render_script(job: SlurmJob) -> str:
     command = [" ".join(srun), " ".join(train[:3]), *train[3:]]
     lines.append(" \\\n  ".join(command))
     return "\n".join(lines) + "\n"
+
+
+def requeue_after_signal(say) -> bool:
+    """Put this SLURM batch job back in the queue after a checkpoint taken on the pre-timeout
+    signal; the requeued job keeps its id, so its run directory, and resumes from the checkpoint.
+    Returns whether it was requeued (False outside SLURM)."""
+    import os
+    import shutil
+    import subprocess
+
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job or os.environ.get("LINSCALE_REQUEUE", "1") == "0":
+        return False
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        say("SLURM job without scontrol on PATH: not requeued; resubmit it to resume")
+        return False
+    out = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        say(f"scontrol requeue {job} failed ({out.stderr.strip()}); resubmit the job to resume from its checkpoint")
+        return False
+    say(f"job {job} requeued: it resumes from its checkpoint when it runs again")
+    return True

@@ -136,6 +136,18 @@ class Device:
             return float(torch.cuda.get_device_properties(self.index).total_memory)
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / max(1, local_processes)
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This process's random-number generator states (host, and the GPU's when there is one)."""
+        states = {"cpu": torch.get_rng_state()}
+        if self.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.index)
+        return states
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        torch.set_rng_state(states["cpu"])
+        if self.type == "cuda" and "cuda" in states:
+            torch.cuda.set_rng_state(states["cuda"], self.index)
+
     def max_memory_allocated(self) -> int | None:
         if self.type == "cuda":
             return torch.cuda.max_memory_allocated(self.index)

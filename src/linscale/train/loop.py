@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from linscale.runtime import parallel, topology
 from linscale.runtime.device import Device
 from linscale.runtime.topology import Topology
 from linscale.task import DataShard, Task, TaskError
+from linscale.train import checkpoint as ckptmod
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
 from linscale.train.optim import build_optimizer, build_scheduler, check_schedule
@@ -184,25 +187,36 @@ def train_step(
     opt: torch.optim.Optimizer,
     sched,
     grad_clip: float,
-    loss_sum: torch.Tensor,
+    loss_acc: torch.Tensor,
     memory: dict[str, int] | None = None,
-) -> tuple[dict[str, float], torch.Tensor | None]:
-    """One optimizer step over `plan.accum_steps` micro-batches; returns phase times and grad norm."""
+    check_finite: bool = False,
+    beat=None,
+) -> tuple[dict[str, float], torch.Tensor | None, bool | torch.Tensor]:
+    """One optimizer step over `plan.accum_steps` micro-batches.
+
+    Returns phase times, the gradient norm and whether the step was taken (a step with inf/NaN
+    gradients is skipped). `loss_acc` gathers [loss sum, micro-steps] of the steps taken.
+    `beat(what)` tells the watchdog what the step is doing."""
     t_data = t_fb = 0.0
     t_comm = 0.0
     clock.take_blocked()  # what an evaluation or an earlier step left
+    step_loss = torch.zeros((), device=device.torch_device)
     for k in range(plan.accum_steps):
         t0 = time.perf_counter()
+        if beat:
+            beat("waiting for data")
         batch = to_device(next(batches), device.torch_device, device.pin_memory)
         t1 = time.perf_counter()
         last = k == plan.accum_steps - 1
+        if beat:
+            beat("forward/backward and gradient reduction" if last else "forward/backward")
         with parallel.sync_gradients(model, sync=last):
             with precision.autocast():
                 loss = _check_loss(task.loss(model, batch))
             # Gradients add up over micro-steps, a SUM; we want the MEAN over the global
             # batch, so each micro-step's loss is scaled by 1/accumulation.
             precision.backward(loss / plan.accum_steps)
-        loss_sum += loss.detach()
+        step_loss += loss.detach().float()
         device.synchronize()
         t2 = time.perf_counter()
         t_data += t1 - t0
@@ -212,23 +226,31 @@ def train_step(
         t_fb += t2 - t1
     t_comm += clock.take_blocked()  # sharded strategies: collectives that held up the step
     t3 = time.perf_counter()
+    if beat:
+        beat("gradient norm and optimizer step")
+    max_norm = grad_clip if grad_clip > 0 else math.inf if check_finite else 0.0
 
     def clip() -> torch.Tensor | None:
         # The global norm: for sharded parameters clip_grad_norm_ reduces the shards' norms.
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip, foreach=True) if grad_clip > 0 else None
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True) if max_norm else None
 
-    # fp16-mixed unscales before clipping and skips a step with inf/NaN gradients; the LR
-    # schedule follows the step number either way.
-    norm = precision.step(opt, clip)
+    # fp16-mixed unscales before clipping and skips a step with inf/NaN gradients, and so does a
+    # non-finite check; the LR schedule follows the step number either way.
+    norm, taken = precision.step(opt, clip, check_finite)
     sched.step()
+    # The loss of a skipped step is left out of the reported loss (it may be NaN).
+    ok = torch.as_tensor(taken, device=loss_acc.device)
+    loss_acc[0] += torch.where(ok, step_loss.double(), 0.0)
+    loss_acc[1] += ok.double() * plan.accum_steps
     if memory is not None:  # once, while gradients and optimizer states all exist
         held = parallel.model_state_memory(model, opt)
-        if held["optimizer"] or precision.scaler is None:  # a skipped first fp16 step creates no states
+        # A skipped first step creates no optimizer states: measure at a later one.
+        if held["optimizer"] or (precision.scaler is None and taken is not False):
             memory.update(held)
     opt.zero_grad(set_to_none=True)
     device.synchronize()
     t4 = time.perf_counter()
-    return {"data": t_data, "fwd_bwd": t_fb - t_comm, "comm": t_comm, "optim": t4 - t3}, norm
+    return {"data": t_data, "fwd_bwd": t_fb - t_comm, "comm": t_comm, "optim": t4 - t3}, norm, taken
 
 
 def run(task_spec: str, task_cls: type, cfg: RunConfig) -> dict[str, Any]:
@@ -249,9 +271,12 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     tokens_per_sample = getattr(task, "tokens_per_sample", None)
     plan, total_steps = plan_run(task, cfg, topo.world_size)
 
-    run_dir = Path(cfg.log.dir) if cfg.log.dir else None
+    run_dir = Path(ldist.broadcast_object(str(Path(cfg.log.dir) if cfg.log.dir else default_run_dir(task_spec))))
+    ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
+    resume = _find_resume(cfg, ckpt_root, topo)
+    if resume is not None:
+        plan = _resumed_plan(plan, resume, cfg, topo)
     if topo.is_main:
-        run_dir = run_dir or default_run_dir(task_spec)
         write_run_dir(
             run_dir,
             cfg,
@@ -269,9 +294,9 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                     "accum": plan.accum_steps,
                     "replicas": plan.replicas,
                 },
+                "resumed_from": str(resume[0]) if resume else None,
             },
         )
-    run_dir = Path(ldist.broadcast_object(str(run_dir)))
 
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = task.build_model().to(device.torch_device)
@@ -311,26 +336,43 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
+    start_step = 0
+    if resume is not None:
+        start_step = _load_checkpoint(resume, model, opt, sched, precision, loader, device, topo, run_dir, tc.seed)
+    ckpt = ckptmod.Checkpointer(
+        ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, topo.rank, device, _main_print(topo)
+    )
+    stop_signal = StopSignal()
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)
-    warm = mx.warmup_steps(total_steps)
+    report.progress(start_step, None, None)
+    warm = mx.warmup_steps(total_steps - start_step if total_steps else None)
     times = mx.StepTimes(warmup_steps=warm)
     batches = forever(loader)
-    loss_sum = torch.zeros((), device=device.torch_device)
+    loss_acc = torch.zeros(2, dtype=torch.float64, device=device.torch_device)  # [loss sum, micro-steps]
     totals = {"loss": 0.0, "steps": 0}
     sync_every = 1 if tc.max_time else tc.log_every
     eval_loss = float("nan")
-    eval_time = 0.0
+    eval_time = ckpt_time = 0.0  # paused time: left out of the steady-state clock
     target = tc.target_loss
     target_at: tuple[int, float] | None = None  # (step, seconds since start) of the evaluation that reached it
     grad_norm = None
     start = steady_start = time.perf_counter()
-    eval_time_at_warm = 0.0
+    paused_at_warm = 0.0
     window_start, window_steps = start, 0
-    step = 0
+    nonfinite = {"in_a_row": 0, "skipped": 0}
+    # Under fp16-mixed the scaler skips overflowing steps while it finds its scale (from 2^16).
+    nonfinite_limit = tc.max_nonfinite + (16 if precision.scaler is not None else 0)
+    spikes = {"count": 0, "mean": None}
+    stopped_by = ""
+    step = start_step
+    kill_at = _test_kill_step(topo.rank)
+    stop_signal.install()
     try:
         while total_steps is None or step < total_steps:
+            if step == kill_at:  # tests: die like a lost node, mid-run
+                os.kill(os.getpid(), signal.SIGKILL)
             t0 = time.perf_counter()
-            phases, grad_norm = train_step(
+            phases, grad_norm, taken = train_step(
                 task,
                 model,
                 batches,
@@ -341,37 +383,36 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 opt,
                 sched,
                 tc.grad_clip,
-                loss_sum,
+                loss_acc,
                 memory=None if memory else memory,
+                check_finite=tc.max_nonfinite > 0,
             )
-            times.add(step, phases, time.perf_counter() - t0)
+            times.add(step - start_step, phases, time.perf_counter() - t0)
             step += 1
-            if step == warm:
+            if tc.max_nonfinite > 0:  # `taken` is a bool here, the same on every rank
+                _count_nonfinite(nonfinite, taken, step, nonfinite_limit, tc.max_nonfinite, ckpt, report)
+            if step - start_step == warm:
                 # Steady-state wall clock starts here: logging and reductions count, evaluation not.
-                steady_start, eval_time_at_warm = time.perf_counter(), eval_time
+                steady_start, paused_at_warm = time.perf_counter(), eval_time + ckpt_time
             window_steps += 1
             last = step == total_steps
             eval_due = eval_set is not None and tc.eval_every > 0 and step % tc.eval_every == 0
             # With a target every evaluation may end the run: reduce and log the loss window first.
             target_sync = bool(target) and eval_due
             if step % sync_every == 0 or last or target_sync:
-                stop = float(bool(tc.max_time) and time.perf_counter() - start - eval_time >= tc.max_time)
-                red = torch.stack(
-                    [
-                        loss_sum.double(),
-                        torch.tensor(
-                            float(window_steps * plan.accum_steps), dtype=torch.float64, device=loss_sum.device
-                        ),
-                        torch.tensor(stop, dtype=torch.float64, device=loss_sum.device),
-                    ]
-                )
+                out_of_time = bool(tc.max_time) and time.perf_counter() - start - eval_time - ckpt_time >= tc.max_time
+                flags = torch.tensor([float(out_of_time), float(stop_signal.signum)], dtype=torch.float64)
+                red = torch.cat([loss_acc, flags.to(loss_acc.device)])
                 ldist.all_reduce(red, "sum")
-                mean_loss = (red[0] / red[1]).item()
+                mean_loss = (red[0] / red[1]).item() if red[1] > 0 else float("nan")
                 totals["loss"] += mean_loss * window_steps
                 totals["steps"] += window_steps
                 now = time.perf_counter()
                 rate = window_steps * plan.global_batch * (tokens_per_sample or 1) / (now - window_start)
-                if step % tc.log_every == 0 or last or red[2] > 0 or target_sync:
+                if red[3] > 0 and not stopped_by:
+                    stopped_by = f"signal {StopSignal.name(stop_signal.signum or signal.SIGUSR1)}"
+                    report.print(f"step {step}: {stopped_by} received: saving a checkpoint and stopping")
+                if step % tc.log_every == 0 or last or red[2] > 0 or red[3] > 0 or target_sync:
                     report.log(
                         step,
                         {
@@ -382,10 +423,11 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                             "elapsed_s": now - start,
                         },
                     )
+                    _check_spike(spikes, mean_loss, step, tc.spike_factor, report)
                 report.progress(step, mean_loss, rate)
-                loss_sum.zero_()
+                loss_acc.zero_()
                 window_start, window_steps = now, 0
-                last = last or red[2] > 0
+                last = last or red[2] > 0 or red[3] > 0
             if eval_set is not None and (last or eval_due):
                 t_eval = time.perf_counter()
                 eval_loss = evaluate(task, model, eval_set, precision, device)  # all-reduced: one value everywhere
@@ -401,15 +443,30 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                     last = True
                 eval_time += time.perf_counter() - t_eval
                 window_start += time.perf_counter() - t_eval
+            periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
+            if periodic or (last and (cfg.checkpoint.at_end or stopped_by)):
+                t_ckpt = time.perf_counter()
+                extra = _checkpoint_extra(step, plan, topo, strategy, task_spec, sched, precision, nonfinite)
+                ckpt.save(step, model, opt, extra)
+                ckpt_time += time.perf_counter() - t_ckpt
+                window_start += time.perf_counter() - t_ckpt
             if last:
                 break
+        t_close = time.perf_counter()
+        ckpt.close()  # the save in flight, if any, is committed before the run reports
+        ckpt_time += time.perf_counter() - t_close
         runtime = time.perf_counter() - start
+        if step == start_step:
+            report.print(
+                f"the checkpoint is at step {step}, the end of this run (train.max_steps or max_tokens): nothing "
+                "to train; raise the limit to continue, or --resume none to start again"
+            )
         steady = None
-        if step > warm:
-            steady_wall = time.perf_counter() - steady_start - (eval_time - eval_time_at_warm)
-            steady = (step - warm, steady_wall)
+        if step - start_step > warm:
+            steady_wall = time.perf_counter() - steady_start - (eval_time + ckpt_time - paused_at_warm)
+            steady = (step - start_step - warm, steady_wall)
         summary = _summary(
-            step,
+            step - start_step,
             runtime,
             eval_time,
             totals,
@@ -434,6 +491,8 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         ldist.all_reduce(state_mb, "max")  # the fullest device
         for key, value in zip(("params", "grads", "optimizer"), state_mb.tolist(), strict=True):
             summary[f"model_state_{key}_mb"] = value
+        summary.update(_fault_summary(step, start_step, resume, ckpt, nonfinite, spikes, stopped_by, epoch_samples,
+                                      plan))  # fmt: skip
         report.close()
         final_model = parallel.unwrap(model)
         sharded = parallel.is_sharded(model)
@@ -451,9 +510,243 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             text = task.final_report(final_model)
             if text:
                 print(text, flush=True)
+        if stopped_by and topo.is_main:
+            from linscale.cluster.slurm import requeue_after_signal
+
+            requeue_after_signal(report.print)
         return summary
     finally:
+        stop_signal.restore()
         report.close()
+
+
+def _test_kill_step(rank: int) -> int | None:
+    """LINSCALE_TEST_KILL_AT_STEP=[RANK:]STEP: tests kill a rank with SIGKILL when it reaches STEP,
+    in the first attempt of a job only (a restarted or resumed job runs on)."""
+    spec = os.environ.get("LINSCALE_TEST_KILL_AT_STEP")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return None
+    who, _, at = spec.rpartition(":")
+    return int(at) if not who or int(who) == rank else None
+
+
+def _main_print(topo: Topology):
+    def say(text: str) -> None:
+        if topo.is_main:
+            print(f"linscale: {text}", flush=True)
+
+    return say
+
+
+def _find_resume(cfg: RunConfig, root: Path, topo: Topology) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from and its marker, chosen on rank 0 and told to every rank."""
+    answer: dict[str, Any] = {}
+    if topo.is_main:
+        try:
+            gone = ckptmod.remove_abandoned(root)
+            if gone:
+                print(f"linscale: removed {len(gone)} incomplete checkpoint(s) of a stopped save: "
+                      + ", ".join(p.name for p in gone), flush=True)  # fmt: skip
+            path = ckptmod.resolve_resume(cfg.checkpoint.resume, root, lambda t: print(f"linscale: warning: {t}"))
+            if path is not None:
+                answer = {"path": str(path), "meta": ckptmod.read_marker(path)}
+        except ckptmod.CheckpointError as e:
+            answer = {"error": str(e)}
+    answer = ldist.broadcast_object(answer)
+    if "error" in answer:
+        raise ckptmod.CheckpointError(answer["error"])
+    if not answer:
+        return None
+    return Path(answer["path"]), answer["meta"]
+
+
+def _resumed_plan(plan: BatchPlan, resume: tuple[Path, dict[str, Any]], cfg: RunConfig, topo: Topology) -> BatchPlan:
+    """The batch split of a resumed run: the same global batch (the same samples per step); the
+    checkpoint's micro-batch when it still divides each replica's share, so a smaller world keeps
+    its memory per device and raises the accumulation instead."""
+    path, meta = resume
+    if meta["global_batch"] != plan.global_batch:
+        raise ckptmod.CheckpointError(
+            f"checkpoint {path} was trained with a global batch of {meta['global_batch']} samples; this run asks "
+            f"for {plan.global_batch}, which would change which samples each step reads. Keep "
+            f"--train.global_batch={meta['global_batch']} (the number of processes may change: the accumulation "
+            "adapts), or start a new run"
+        )
+    micro = meta.get("micro_batch", 0)
+    if cfg.train.micro_batch == 0 and micro and (plan.global_batch // topo.world_size) % micro == 0:
+        return plan_batch(plan.global_batch, topo.world_size, micro)
+    return plan
+
+
+def _load_checkpoint(
+    resume: tuple[Path, dict[str, Any]],
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    precision: Precision,
+    loader: DataLoader,
+    device: Device,
+    topo: Topology,
+    run_dir: Path,
+    seed: int,
+) -> int:
+    """Restore everything from the checkpoint; returns the step to continue from."""
+    path, _ = resume
+    t0 = time.perf_counter()
+    meta = ckptmod.load(path, model, opt, device, topo.rank)
+    step = int(meta["step"])
+    sched.load_state_dict(meta["scheduler"])
+    for group, lr in zip(opt.param_groups, sched.get_last_lr(), strict=True):
+        group["lr"] = lr
+    precision.load_state_dict(meta.get("precision", {}))
+    if not meta["rng_restored"]:
+        # A rank the checkpoint's job did not have: a seed of its own, the same on every resume.
+        torch.manual_seed(seed + 1_000_003 * (topo.rank + 1) + step)
+    sampler = loader.batch_sampler
+    if isinstance(sampler, StepSampler):
+        sampler.start_step = step  # position = samples consumed = step x global batch
+    elif step and topo.is_main:
+        print(
+            "linscale: warning: the task's training data is an IterableDataset, whose position linscale cannot "
+            "restore: it starts again from its beginning",
+            flush=True,
+        )
+    if topo.is_main:
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        was = f"{meta['world_size']} process(es)"
+        print(
+            f"linscale: resumed from {path} (step {step}, {meta['samples_consumed']:,} samples consumed, written by "
+            f"{was}) in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+    return step
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the metrics of steps after the checkpoint: the resumed run logs them again."""
+    import json
+
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _checkpoint_extra(
+    step: int,
+    plan: BatchPlan,
+    topo: Topology,
+    strategy: str,
+    task_spec: str,
+    sched,
+    precision: Precision,
+    nonfinite: dict[str, int],
+) -> dict[str, Any]:
+    """The checkpoint's non-tensor state, written into its marker by rank 0."""
+    return {
+        "samples_consumed": step * plan.global_batch,
+        "global_batch": plan.global_batch,
+        "micro_batch": plan.micro_batch,
+        "world_size": topo.world_size,
+        "num_nodes": topo.num_nodes,
+        "strategy": strategy,
+        "task": task_spec,
+        "scheduler": sched.state_dict(),
+        "precision": precision.state_dict(),
+        "nonfinite_skipped": nonfinite["skipped"],
+    }
+
+
+class Diverged(ValueError):
+    """Too many steps in a row had a non-finite loss or gradient."""
+
+
+def _count_nonfinite(
+    state: dict[str, int], taken: bool, step: int, limit: int, setting: int, ckpt: ckptmod.Checkpointer, report
+) -> None:
+    if taken:
+        state["in_a_row"] = 0
+        return
+    state["in_a_row"] += 1
+    state["skipped"] += 1
+    report.print(f"step {step}: the loss or a gradient is NaN/Inf: step skipped ({state['in_a_row']} in a row)")
+    if state["in_a_row"] >= limit:
+        ckpt.wait()  # a save in flight finishes: the newest checkpoint is whole
+        newest = f"the newest checkpoint, step {ckpt.saved[-1]}, is intact" if ckpt.saved else "no checkpoint was saved"
+        raise Diverged(
+            f"training diverged: {state['in_a_row']} steps in a row up to step {step} had a NaN/Inf loss or gradient "
+            f"(train.max_nonfinite={setting}); {newest}. Resume from it with a lower optim.lr, more "
+            "optim.warmup_steps, train.grad_clip, or runtime.precision=fp32/bf16-mixed"
+        )
+
+
+def _check_spike(state: dict[str, Any], loss: float, step: int, factor: float, report) -> None:
+    """Report a logged loss above `factor` times the recent mean of logged losses."""
+    if not math.isfinite(loss):
+        return
+    mean = state["mean"]
+    if factor and mean is not None and loss > factor * mean:
+        state["count"] += 1
+        report.print(f"step {step}: loss spike: {loss:.4f} is {loss / mean:.1f}x the recent mean {mean:.4f}")
+        return  # a spike does not move the mean
+    state["mean"] = loss if mean is None else 0.7 * mean + 0.3 * loss
+
+
+def _fault_summary(
+    step: int,
+    start_step: int,
+    resume,
+    ckpt: ckptmod.Checkpointer,
+    nonfinite: dict[str, int],
+    spikes: dict[str, Any],
+    stopped_by: str,
+    epoch_samples: int | None,
+    plan: BatchPlan,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"global_step": step}
+    if epoch_samples:
+        out["epoch"] = step * plan.global_batch / epoch_samples
+    if resume is not None:
+        out["resumed_from_step"] = start_step
+    out["checkpoints_saved"] = len(ckpt.saved)
+    if ckpt.saved:
+        out["checkpoint_last"] = str(ckptmod.step_dir(ckpt.root, ckpt.saved[-1]))
+        out["checkpoint_stall_s"] = ckpt.stall_s
+    out["nonfinite_skipped_steps"] = nonfinite["skipped"]
+    out["loss_spikes"] = spikes["count"]
+    if stopped_by:
+        out["stopped_by"] = stopped_by
+    return out
+
+
+class StopSignal:
+    """SIGUSR1 (what `sbatch --signal` sends before the time limit) asks for a checkpoint and a
+    clean stop at the next step boundary; every rank agrees on it in the loss reduction."""
+
+    SIGNALS = (signal.SIGUSR1,)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    @staticmethod
+    def name(signum: int) -> str:
+        return signal.Signals(signum).name
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+    def install(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
 
 
 def _target_summary(

@@ -18,6 +18,7 @@ bf16 has fp32's exponent range, so it needs no loss scaling; fp16 does.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 
@@ -72,17 +73,23 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, clip: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
+    def step(
+        self, optimizer: torch.optim.Optimizer, clip: Callable[[], torch.Tensor | None], check_finite: bool = False
+    ) -> tuple[torch.Tensor | None, bool | torch.Tensor]:
         """Clip the true gradients with `clip()` (it returns the norm or None), then step the
-        optimizer; returns the norm. With a scaler, a step whose gradients hold an inf or NaN
-        is skipped on every rank, and the scale is lowered.
+        optimizer; returns the norm and whether the step was taken.
 
-        Adds no host synchronisation: the skip is counted on the device (GradScaler itself reads
-        its inf flag on the host, except with fused optimizers, which skip in their kernel)."""
+        With a scaler, a step whose gradients hold an inf or NaN is skipped on every rank and the
+        scale is lowered. With `check_finite` (other precisions), a non-finite norm skips the step:
+        that costs one host synchronisation, and the answer is a bool. Without it nothing waits
+        for the device and the answer may be a device tensor (GradScaler reads its inf flag on
+        the host itself, except with fused optimizers, which skip in their kernel)."""
         if self.scaler is None:
             norm = clip()
+            if check_finite and norm is not None and not math.isfinite(_host(norm)):
+                return norm, False
             optimizer.step()
-            return norm
+            return norm, True
         self.scaler.unscale_(optimizer)  # clip and log the true gradients, not the scaled ones
         norm = clip()
         # The flag unscale_ recorded (the contract GradScaler offers optimizers); DTensor
@@ -92,7 +99,22 @@ class Precision:
         self.scaler.update()
         skipped = (found > 0).to(torch.int64)
         self._skips = skipped if self._skips is None else self._skips + skipped
-        return norm
+        return norm, bool(skipped.item() == 0) if check_finite else skipped == 0
+
+    def state_dict(self) -> dict:
+        """JSON-able state for a checkpoint: the loss scale and the skip count."""
+        if self.scaler is None:
+            return {}
+        return {"scaler": self.scaler.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            self._skips = torch.tensor(int(state.get("skipped_steps", 0)))
+
+
+def _host(t: torch.Tensor) -> float:
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
 def resolve_precision(setting: str, device: Device) -> Precision:

@@ -1,0 +1,396 @@
+"""Sharded, atomic, optionally asynchronous checkpoints, and finding the one to resume from.
+
+Layout of a run's checkpoints (`checkpoint.dir`, default RUN_DIR/checkpoints):
+
+    step_00000120/            a committed checkpoint
+        .metadata             torch.distributed.checkpoint's index of the shards
+        __0_0.distcp ...      every rank's shard files: tensors only
+        linscale.json         the commit marker, written last: step, data position, schedule,
+                              loss scaler, the files' sizes and CRC-32 checksums
+    step_00000150.tmp/        being written (or abandoned by a killed job): never loaded
+
+Every rank writes its shard of the model, of the optimizer states and its own RNG states (under
+a per-rank key: a value saved under one key by every rank comes back as one rank's value) with
+`torch.distributed.checkpoint` into the `.tmp` folder. DCP returns on every rank only after the
+coordinator wrote `.metadata`, so all shards are on disk; rank 0 then checksums the files,
+writes `linscale.json` and renames the folder. A folder without the marker, or whose files do
+not match it, is never loaded. Non-tensor state goes into the JSON marker, so loading unpickles
+nothing (DCP would unpickle non-tensor values with `weights_only=False`).
+
+Model and optimizer states are saved under fully-qualified parameter names as
+`get_state_dict` returns them (DDP's `module.` prefix removed, FSDP2 shards as DTensors), so a
+checkpoint loads into any strategy and any world size: DCP reshards on load. ZeRO-1's
+optimizer keeps each rank's share of the states; each rank saves and loads exactly the
+parameters it owns, under the same names.
+
+With `checkpoint.async_save`, the states are first copied to host memory (the only part that
+stalls training), then written and committed by a background thread over a process group of
+its own, so its collectives never interleave with the training's.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+import time
+import zlib
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from linscale.data.shards import _fsync_dir, atomic_write
+from linscale.runtime import dist as ldist
+
+FORMAT = "linscale-checkpoint v1"
+MARKER = "linscale.json"
+PREFIX = "step_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be written or loaded; the message says why and what to do."""
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{PREFIX}{step:08d}"
+
+
+# --- finding and checking checkpoints (plain files; rank 0 does it and tells the others) ---------------
+
+
+def committed(root: Path) -> list[Path]:
+    """Committed checkpoint folders under `root`, oldest first (not yet verified)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None and (p / MARKER).is_file()]
+    return sorted(found, key=_step_of)
+
+
+def _step_of(path: Path) -> int | None:
+    name = path.name
+    if not name.startswith(PREFIX) or not name[len(PREFIX) :].isdigit():
+        return None
+    return int(name[len(PREFIX) :])
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((path / MARKER).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} has an unreadable {MARKER} ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    return meta
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """The checkpoint's marker, after checking every file's size and checksum against it."""
+    meta = read_marker(path)
+    for name, want in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is truncated or damaged: {name} has {size} bytes of {want['bytes']}")
+        if _crc32(f) != want["crc32"]:
+            raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its checksum")
+    return meta
+
+
+def newest_valid(root: Path, warn) -> Path | None:
+    """The newest committed checkpoint whose files check out; damaged ones are skipped with a warning."""
+    for path in reversed(committed(root)):
+        try:
+            verify(path)
+            return path
+        except CheckpointError as e:
+            warn(f"{e}; falling back to the previous checkpoint")
+    return None
+
+
+def resolve_resume(setting: str, root: Path, warn) -> Path | None:
+    """The checkpoint `checkpoint.resume` names: "none", "auto" (newest in `root`, if any) or a path
+    (a checkpoint folder, a checkpoints folder or a run directory). Runs on rank 0."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return newest_valid(root, warn)
+    path = Path(setting)
+    if not path.exists():
+        raise CheckpointError(f"--resume {setting}: no such file or directory")
+    if (path / MARKER).is_file():
+        verify(path)  # a named checkpoint is loaded as given or not at all
+        return path
+    for candidate in (path, path / "checkpoints"):
+        found = newest_valid(candidate, warn)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"--resume {setting}: no complete checkpoint there (looked for {PREFIX}*/{MARKER} in {path} and "
+        f"{path / 'checkpoints'}); give the run directory of a run that saved one (checkpoint.interval, or "
+        "the end of a run), or leave --resume at auto to start fresh"
+    )
+
+
+def remove_abandoned(root: Path) -> list[Path]:
+    """Delete `.tmp` folders left by a job killed while saving (rank 0, before training)."""
+    gone = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith(PREFIX) and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+                gone.append(p)
+    return gone
+
+
+# --- what goes into a checkpoint -----------------------------------------------------------------------
+
+
+def _is_zero1(opt: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(opt, ZeroRedundancyOptimizer)
+
+
+def _names(model: nn.Module) -> dict[nn.Parameter, str]:
+    from linscale.runtime.parallel import unwrap
+
+    return {p: name for name, p in unwrap(model).named_parameters()}
+
+
+def tensor_state(model: nn.Module, opt: torch.optim.Optimizer, init_optimizer: bool) -> dict[str, Any]:
+    """{"model": ..., "optim": {"state": ...}} keyed by parameter name. The values are the live
+    tensors (or, for a fresh optimizer with `init_optimizer`, its just-created zero states), so a
+    DCP load into this dict restores them in place."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state, get_model_state_dict, get_state_dict
+
+    if _is_zero1(opt):
+        inner = opt.optim  # this rank's share of the parameters and their AdamW states
+        if init_optimizer:
+            _init_optim_state(inner)
+        names = _names(model)
+        state = {names[p]: dict(s) for p, s in inner.state.items()}
+        return {"model": get_model_state_dict(model), "optim": {"state": state}}
+    msd, osd = get_state_dict(model, opt)  # initialises a fresh optimizer's states itself
+    return {"model": msd, "optim": {"state": osd["state"]}}
+
+
+def _rng_state(device) -> dict[str, torch.Tensor]:
+    return device.rng_state()
+
+
+@dataclass
+class Resumed:
+    """What the training loop continues from."""
+
+    path: Path
+    step: int
+    samples: int
+    meta: dict[str, Any]
+
+
+def check_compatible(path: Path, template: dict[str, Any]) -> None:
+    """A clear error when the checkpoint was written for another model (keys or shapes differ)."""
+    md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {k[len("model.") :]: tuple(v.size) for k, v in md.items() if k.startswith("model.") and hasattr(v, "size")}
+    want = {k: tuple(v.shape) for k, v in template["model"].items()}
+    missing = sorted(set(want) - set(saved))
+    extra = sorted(set(saved) - set(want))
+    shapes = sorted(k for k in set(want) & set(saved) if want[k] != saved[k])
+    if not (missing or extra or shapes):
+        return
+
+    def few(keys: list[str], show=lambda k: k) -> str:
+        listed = ", ".join(show(k) for k in keys[:6])
+        return listed + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"not in the checkpoint: {few(missing)}")
+    if extra:
+        parts.append(f"only in the checkpoint: {few(extra)}")
+    if shapes:
+        parts.append(f"different shape: {few(shapes, lambda k: f'{k} {list(saved[k])} (model {list(want[k])})')}")
+    raise CheckpointError(
+        f"checkpoint {path} was written for a different model; " + "; ".join(parts) + ". Resume with the task "
+        "settings of that run (its config.toml), or start a new run directory (--log.dir) or --resume none"
+    )
+
+
+def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank: int) -> dict[str, Any]:
+    """Load model, optimizer and this rank's RNG states from `path` (a collective); returns the marker."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    meta = read_marker(path)
+    template = tensor_state(model, opt, init_optimizer=True)
+    check_compatible(path, template)
+    md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    want: dict[str, Any] = dict(template)
+    rng_key = f"rank{rank}"
+    own_rng = {k: v.clone() for k, v in _rng_state(device).items()}
+    have_rng = all(f"rng.{rng_key}.{k}" in md for k in own_rng)
+    if have_rng:
+        want["rng"] = {rng_key: own_rng}
+    if not _is_zero1(opt):
+        # Optimizer states come back through set_state_dict, which lays them out for this strategy.
+        dcp.load(want, checkpoint_id=str(path), no_dist=not ldist.active())
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        groups = get_optimizer_state_dict(model, opt)["param_groups"]
+        set_state_dict(
+            model,
+            opt,
+            model_state_dict=want["model"],
+            optim_state_dict={"state": want["optim"]["state"], "param_groups": groups},
+        )
+    else:
+        dcp.load(want, checkpoint_id=str(path), no_dist=not ldist.active())  # the live tensors: restored in place
+    if have_rng:
+        device.set_rng_state(own_rng)
+    meta["rng_restored"] = have_rng
+    return meta
+
+
+# --- saving --------------------------------------------------------------------------------------------
+
+
+def _describe_failure(e: BaseException) -> str:
+    """The cause of a failed save, found in DCP's per-rank failures."""
+    failures = getattr(e, "failures", None) or {}
+    causes = [*failures.values(), e]
+    for c in causes:
+        for inner in (c, getattr(c, "__cause__", None)):
+            if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
+                return "no space left on the device"
+    ranks = ", ".join(map(str, sorted(failures))) if failures else ""
+    first = next(iter(failures.values()), e)
+    return f"{type(first).__name__}: {first}" + (f" (on rank {ranks})" if ranks else "")
+
+
+class Checkpointer:
+    """Saves checkpoints for the training loop; one per process, called on every rank alike."""
+
+    def __init__(self, root: Path, keep_last: int, async_save: bool, rank: int, device, log) -> None:
+        self.root = root
+        self.keep_last = keep_last
+        self.async_save = async_save and ldist.active()
+        self.rank = rank
+        self.device = device
+        self.log = log  # prints on rank 0
+        self.pending: threading.Event | None = None  # set when the save in flight is committed or failed
+        self.error: BaseException | None = None
+        self.saved: list[int] = []
+        self.stall_s = 0.0  # time training waited for saves
+        self.write_s = 0.0  # time the saves took, start to commit
+        self.group = dist.new_group(backend="gloo") if self.async_save else None
+
+    def save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
+        """Checkpoint after `step` optimizer steps. `extra`: JSON-able state for the marker."""
+        t0 = time.perf_counter()
+        self.wait()  # one save in flight at a time
+        target = step_dir(self.root, step)
+        tmp = target.with_name(target.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        ldist.barrier()
+        state = tensor_state(model, opt, init_optimizer=False)
+        state["rng"] = {f"rank{self.rank}": _rng_state(self.device)}
+        meta = {"format": FORMAT, "step": step, **extra}
+        started = time.time()
+        if self.async_save:
+            done = self.pending = threading.Event()
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
+            fut.add_done_callback(lambda f: self._finish(f, tmp, target, meta, started, done))
+        else:
+            try:
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=not ldist.active())
+            except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure
+                self._failed(step, tmp, e)
+            self._commit(tmp, target, meta, started)
+            self._raise()
+        self.stall_s += time.perf_counter() - t0
+
+    def _finish(self, fut: Future, tmp: Path, target: Path, meta: dict, started: float, done: threading.Event) -> None:
+        """The background thread's end of an asynchronous save: commit it, or record why not."""
+        try:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure
+                self._failed(meta["step"], tmp, e)
+            self._commit(tmp, target, meta, started)
+        except Exception as e:  # noqa: BLE001 - raised by wait() on the training thread
+            self.error = e
+        finally:
+            done.set()
+
+    def _failed(self, step: int, tmp: Path, e: BaseException) -> None:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = f"the previous checkpoint {step_dir(self.root, self.saved[-1])} is intact" if self.saved else (
+            "no earlier checkpoint of this run exists"
+        )
+        why = _describe_failure(e)
+        fix = "free space there, lower checkpoint.keep_last, or set checkpoint.dir to a larger filesystem"
+        raise CheckpointError(f"could not save the checkpoint of step {step} in {self.root}: {why}; {previous}; {fix}")
+
+    def _commit(self, tmp: Path, target: Path, meta: dict, started: float) -> None:
+        """Rank 0: checksum the files, write the marker, rename the folder; then apply keep_last."""
+        self.write_s += time.time() - started
+        if self.rank != 0:
+            self.saved.append(meta["step"])
+            return
+        try:
+            files = sorted(p for p in tmp.iterdir() if p.is_file())
+            meta["files"] = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+            meta["written_seconds"] = round(time.time() - started, 3)
+            atomic_write(tmp / MARKER, (json.dumps(meta, indent=1) + "\n").encode())
+            if target.exists():  # a run restarted without resuming saves the same step again
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._failed(meta["step"], tmp, e)
+        self.saved.append(meta["step"])
+        self.log(f"checkpoint: step {meta['step']} saved in {target}")
+        if self.keep_last > 0:
+            for old in committed(self.root)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def wait(self) -> None:
+        """Block until the save in flight, if any, is committed; raise its error."""
+        if self.pending is not None:
+            t0 = time.perf_counter()
+            self.pending.wait()
+            self.pending = None
+            self.stall_s += time.perf_counter() - t0
+        self._raise()
+
+    def close(self) -> None:
+        self.wait()
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+            self.group = None
