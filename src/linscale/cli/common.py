@@ -38,6 +38,13 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--join-timeout", type=float, default=300.0, help="seconds to wait for every node to join (default: 300)"
     )
+    g.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="when a worker or node fails, restart every worker up to K times; they resume from the newest "
+        "checkpoint (default: 0)",
+    )
 
 
 def launch_spec(args: argparse.Namespace, nproc: int) -> LaunchSpec:
@@ -51,6 +58,7 @@ def launch_spec(args: argparse.Namespace, nproc: int) -> LaunchSpec:
         master_port=args.master_port,
         rdzv_endpoint=args.rdzv_endpoint,
         join_timeout=args.join_timeout,
+        max_restarts=getattr(args, "max_restarts", 0),
     )
 
 

@@ -68,7 +68,7 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
 
         if spec.min_nodes == spec.max_nodes:  # an elastic job checks its batch once it knows its size
             plan_run(make_task(task_cls, cfg), cfg, spec.nproc_per_node * spec.max_nodes)
-        if spec.nproc_per_node == 1 and not spec.multi_node:
+        if spec.nproc_per_node == 1 and not spec.multi_node and not spec.max_restarts:
             from linscale.train.loop import run
 
             run(args.task, task_cls, cfg)

@@ -40,6 +40,8 @@ class LaunchSpec:
     max_restarts: int = 0
 
     def __post_init__(self) -> None:
+        if self.max_restarts < 0:
+            raise LaunchError(f"--max-restarts must be >= 0, got {self.max_restarts}")
         if self.nproc_per_node < 1:
             raise LaunchError(f"--nproc-per-node must be >= 1, got {self.nproc_per_node}")
         if not 1 <= self.min_nodes <= self.max_nodes:

@@ -108,7 +108,9 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"checkpoint {path} is missing {name}")
         size = f.stat().st_size
         if size != want["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is truncated or damaged: {name} has {size} bytes of {want['bytes']}")
+            raise CheckpointError(
+                f"checkpoint {path} is truncated or damaged: {name} has {size} bytes of {want['bytes']}"
+            )
         if _crc32(f) != want["crc32"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its checksum")
     return meta
@@ -344,8 +346,10 @@ class Checkpointer:
     def _failed(self, step: int, tmp: Path, e: BaseException) -> None:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        previous = f"the previous checkpoint {step_dir(self.root, self.saved[-1])} is intact" if self.saved else (
-            "no earlier checkpoint of this run exists"
+        previous = (
+            f"the previous checkpoint {step_dir(self.root, self.saved[-1])} is intact"
+            if self.saved
+            else ("no earlier checkpoint of this run exists")
         )
         why = _describe_failure(e)
         fix = "free space there, lower checkpoint.keep_last, or set checkpoint.dir to a larger filesystem"

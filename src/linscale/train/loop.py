@@ -336,6 +336,10 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and topo.is_main:
+        print(f"linscale: restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a failed "
+              "worker or node: every worker starts again from the newest checkpoint", flush=True)  # fmt: skip
     start_step = 0
     if resume is not None:
         start_step = _load_checkpoint(resume, model, opt, sched, precision, loader, device, topo, run_dir, tc.seed)
