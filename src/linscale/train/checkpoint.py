@@ -30,12 +30,14 @@ its own, so its collectives never interleave with the training's.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import shutil
 import threading
 import time
+import warnings
 import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -127,7 +129,7 @@ def newest_valid(root: Path, warn) -> Path | None:
     return None
 
 
-def resolve_resume(setting: str, root: Path, warn) -> Path | None:
+def resolve_resume(setting: str, root: Path, warn, option: str = "--resume") -> Path | None:
     """The checkpoint `checkpoint.resume` names: "none", "auto" (newest in `root`, if any) or a path
     (a checkpoint folder, a checkpoints folder or a run directory). Runs on rank 0."""
     if setting == "none":
@@ -136,7 +138,7 @@ def resolve_resume(setting: str, root: Path, warn) -> Path | None:
         return newest_valid(root, warn)
     path = Path(setting)
     if not path.exists():
-        raise CheckpointError(f"--resume {setting}: no such file or directory")
+        raise CheckpointError(f"{option} {setting}: no such file or directory")
     if (path / MARKER).is_file():
         verify(path)  # a named checkpoint is loaded as given or not at all
         return path
@@ -145,7 +147,7 @@ def resolve_resume(setting: str, root: Path, warn) -> Path | None:
         if found is not None:
             return found
     raise CheckpointError(
-        f"--resume {setting}: no complete checkpoint there (looked for {PREFIX}*/{MARKER} in {path} and "
+        f"{option} {setting}: no complete checkpoint there (looked for {PREFIX}*/{MARKER} in {path} and "
         f"{path / 'checkpoints'}); give the run directory of a run that saved one (checkpoint.interval, or "
         "the end of a run), or leave --resume at auto to start fresh"
     )
@@ -236,6 +238,25 @@ def check_compatible(path: Path, template: dict[str, Any]) -> None:
     )
 
 
+@contextlib.contextmanager
+def _one_process_quiet():
+    """DCP warns that it assumes a single process whenever there is no process group: here that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _dcp_load(state: dict[str, Any], path: Path) -> None:
+    with _one_process_quiet():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not ldist.active())
+
+
+def load_model_state(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Fill a plain model state dict from the checkpoint's model shards, in one process."""
+    check_compatible(path, {"model": state})
+    _dcp_load({"model": state}, path)
+
+
 def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank: int) -> dict[str, Any]:
     """Load model, optimizer and this rank's RNG states from `path` (a collective); returns the marker."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -252,7 +273,7 @@ def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank:
         want["rng"] = {rng_key: own_rng}
     if not _is_zero1(opt):
         # Optimizer states come back through set_state_dict, which lays them out for this strategy.
-        dcp.load(want, checkpoint_id=str(path), no_dist=not ldist.active())
+        _dcp_load(want, path)
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         groups = get_optimizer_state_dict(model, opt)["param_groups"]
@@ -263,7 +284,7 @@ def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank:
             optim_state_dict={"state": want["optim"]["state"], "param_groups": groups},
         )
     else:
-        dcp.load(want, checkpoint_id=str(path), no_dist=not ldist.active())  # the live tensors: restored in place
+        _dcp_load(want, path)  # the live tensors: restored in place
     if have_rng:
         device.set_rng_state(own_rng)
     meta["rng_restored"] = have_rng
@@ -323,7 +344,8 @@ class Checkpointer:
             fut.add_done_callback(lambda f: self._finish(f, tmp, target, meta, started, done))
         else:
             try:
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=not ldist.active())
+                with _one_process_quiet():
+                    dcp.save(state, checkpoint_id=str(tmp), no_dist=not ldist.active())
             except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure
                 self._failed(step, tmp, e)
             self._commit(tmp, target, meta, started)
