@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_links.py
 	$(BIN)/python benchmarks/bench_scaling.py
 	$(BIN)/python benchmarks/bench_preprocess.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -330,10 +330,7 @@ class Checkpointer:
         self.wait()  # one save in flight at a time
         target = step_dir(self.root, step)
         tmp = target.with_name(target.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        ldist.barrier()
+        # Every rank's writer creates the folder; a leftover of a killed job was removed at start-up.
         state = tensor_state(model, opt, init_optimizer=False)
         state["rng"] = {f"rank{self.rank}": _rng_state(self.device)}
         meta = {"format": FORMAT, "step": step, **extra}
