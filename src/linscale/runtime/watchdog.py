@@ -16,11 +16,18 @@ and those that gave no answer (dead, or frozen with the GIL held). Every other r
 alarm at its next poll, writes its status, prints its own step, phase and stack, and waits for
 the report before leaving, so that its exit does not break the reporting rank's collective
 first. Each rank records a `WatchdogTimeout` for the elastic agent and exits with `exit_code`.
-The comparison of progress relies on every rank calling `phase()` in the same sequence.
+Any rank may raise the alarm, the one that never arrived included (its own phase overruns too);
+the report's first line speaks for a rank waiting at the front.
+
+Use it as a context manager around the training loop: when another rank's exit breaks this
+rank's collective, the exception stops in `__exit__`, which waits for the watchdog's own exit
+instead of letting a second, misleading error out first. The comparison of progress relies on
+every rank calling `phase()` in the same sequence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -145,7 +152,7 @@ class Watchdog:
             stopping = self._stopping.wait(self.poll_s)
             if stopping and not self._failed:
                 return
-            step, _, watched, _, since = self._state
+            _, _, watched, _, since = self._state
             if watched and time.monotonic() - since >= self.timeout_s:
                 return self._fire()
             raiser = self._alarm()
@@ -229,9 +236,7 @@ class Watchdog:
                 get_error_handler().record_exception(e)
             except Exception as err:  # noqa: BLE001 - the report is out; the exit matters more
                 self._print(f"linscale: could not record the error for the agent: {err}")
-        for s in (sys.stdout, sys.stderr, self.stream):
-            try:
-                s.flush()  # type: ignore[union-attr]
-            except Exception:  # noqa: BLE001, S110 - a closed stream must not stop the exit
-                pass
+        for stream in (sys.stdout, sys.stderr, self.stream):
+            with contextlib.suppress(Exception):  # a closed stream must not stop the exit
+                stream.flush()  # type: ignore[union-attr]
         self.exit_fn(self.exit_code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -257,7 +258,9 @@ def run(task_spec: str, task_cls: type, cfg: RunConfig) -> dict[str, Any]:
     """Train on this process's share of the job. Every process of the job calls this."""
     topo = topology.detect()
     device = devmod.resolve(cfg.runtime.device, topo.local_rank, cfg.runtime.threads_per_proc, topo.local_world_size)
-    ldist.init(topo, device, cfg.runtime.timeout)
+    # gloo/NCCL's own timeout is a backstop behind the watchdog, which fires at runtime.timeout
+    # while the collective still waits, so its report shows where each rank is.
+    ldist.init(topo, device, cfg.runtime.timeout + 30)
     try:
         return _train(task_spec, task_cls, cfg, topo, device)
     finally:
@@ -370,11 +373,21 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     stopped_by = ""
     step = start_step
     kill_at = _test_kill_step(topo.rank)
+    stuck_at = _test_kill_step(topo.rank, "LINSCALE_TEST_STUCK_AT_STEP")
     stop_signal.install()
+    watchdog = _start_watchdog(cfg.runtime.timeout, topo)
+
+    def beat(what: str, watched: bool = True) -> None:
+        if watchdog is not None:  # every rank makes the same calls: progress is compared by their count
+            watchdog.phase(step, what, watched)
+
     try:
         while total_steps is None or step < total_steps:
             if step == kill_at:  # tests: die like a lost node, mid-run
                 os.kill(os.getpid(), signal.SIGKILL)
+            if step == stuck_at:  # tests: a rank that never reaches the collective
+                beat("test hook: stuck before the step")
+                threading.Event().wait()
             t0 = time.perf_counter()
             phases, grad_norm, taken = train_step(
                 task,
@@ -390,6 +403,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 loss_acc,
                 memory=None if memory else memory,
                 check_finite=tc.max_nonfinite > 0,
+                beat=beat,
             )
             times.add(step - start_step, phases, time.perf_counter() - t0)
             step += 1
@@ -405,6 +419,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             target_sync = bool(target) and eval_due
             if step % sync_every == 0 or last or target_sync:
                 out_of_time = bool(tc.max_time) and time.perf_counter() - start - eval_time - ckpt_time >= tc.max_time
+                beat("loss all-reduce")
                 flags = torch.tensor([float(out_of_time), float(stop_signal.signum)], dtype=torch.float64)
                 red = torch.cat([loss_acc, flags.to(loss_acc.device)])
                 ldist.all_reduce(red, "sum")
@@ -434,6 +449,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 last = last or red[2] > 0 or red[3] > 0
             if eval_set is not None and (last or eval_due):
                 t_eval = time.perf_counter()
+                beat("evaluation")
                 eval_loss = evaluate(task, model, eval_set, precision, device)  # all-reduced: one value everywhere
                 values = {"eval_loss": eval_loss}
                 if tokens_per_sample:  # a token task's loss is a mean cross-entropy in nats
@@ -450,6 +466,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             periodic = cfg.checkpoint.interval > 0 and step % cfg.checkpoint.interval == 0
             if periodic or (last and (cfg.checkpoint.at_end or stopped_by)):
                 t_ckpt = time.perf_counter()
+                beat("checkpoint save", watched=False)  # a large synchronous save may take long
                 extra = _checkpoint_extra(step, plan, topo, strategy, task_spec, sched, precision, nonfinite)
                 ckpt.save(step, model, opt, extra)
                 ckpt_time += time.perf_counter() - t_ckpt
@@ -457,8 +474,10 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             if last:
                 break
         t_close = time.perf_counter()
+        beat("waiting for the checkpoint in flight", watched=False)
         ckpt.close()  # the save in flight, if any, is committed before the run reports
         ckpt_time += time.perf_counter() - t_close
+        beat("end-of-run reductions")
         runtime = time.perf_counter() - start
         if step == start_step:
             report.print(
@@ -514,20 +533,40 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             text = task.final_report(final_model)
             if text:
                 print(text, flush=True)
+        if watchdog is not None:
+            watchdog.stop()
         if stopped_by and topo.is_main:
             from linscale.cluster.slurm import requeue_after_signal
 
             requeue_after_signal(report.print)
         return summary
+    except BaseException:
+        if watchdog is not None:
+            # A peer's watchdog ending the job breaks this rank's collective: the watchdog reports
+            # and exits here instead of a second, misleading error.
+            watchdog.stop(failed=True)
+        raise
     finally:
         stop_signal.restore()
         report.close()
 
 
-def _test_kill_step(rank: int) -> int | None:
+def _start_watchdog(timeout: float, topo: Topology):
+    """The collective-timeout watchdog of this rank (None for a single process)."""
+    if not ldist.active() or topo.world_size == 1:
+        return None
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    from linscale.runtime.watchdog import Watchdog
+
+    return Watchdog(timeout, topo.rank, topo.world_size, _get_default_store(), poll_s=min(1.0, timeout / 4)).start()
+
+
+def _test_kill_step(rank: int, var: str = "LINSCALE_TEST_KILL_AT_STEP") -> int | None:
     """LINSCALE_TEST_KILL_AT_STEP=[RANK:]STEP: tests kill a rank with SIGKILL when it reaches STEP,
-    in the first attempt of a job only (a restarted or resumed job runs on)."""
-    spec = os.environ.get("LINSCALE_TEST_KILL_AT_STEP")
+    in the first attempt of a job only (a restarted or resumed job runs on). The same form in
+    LINSCALE_TEST_STUCK_AT_STEP makes the rank wait forever before that step instead."""
+    spec = os.environ.get(var)
     if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
     who, _, at = spec.rpartition(":")
