@@ -23,6 +23,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("task", nargs="?", default="gpt", help="the task to train (default: gpt)")
     p.add_argument("--config", help="a TOML file of settings ([train], [optim], [task], ...)")
     p.add_argument("--help-config", action="store_true", help="list every setting with its default")
+    p.add_argument(
+        "--resume",
+        metavar="auto|none|PATH",
+        help="the same as --checkpoint.resume: continue from the newest complete checkpoint in the run's "
+        "checkpoint folder (auto, the default), start afresh (none), or continue from PATH",
+    )
     add_launch_args(p)
     p.set_defaults(func=run_cli)
 
@@ -46,6 +52,8 @@ def prepare(args: argparse.Namespace, rest: list[str]) -> tuple[type, lconfig.Ru
     """Everything that can be checked before workers start: task, config, batch split."""
     task_cls = resolve_task(args.task)
     overrides = lconfig.parse_overrides(rest)
+    if args.resume:
+        overrides.setdefault("checkpoint", {})["resume"] = args.resume
     cfg = lconfig.load_config(
         args.config, overrides, getattr(task_cls, "Config", None), getattr(task_cls, "defaults", None)
     )

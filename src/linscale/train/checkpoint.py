@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from linscale.data.shards import _fsync_dir, atomic_write
 from linscale.runtime import dist as ldist
@@ -129,7 +130,7 @@ def newest_valid(root: Path, warn) -> Path | None:
     return None
 
 
-def resolve_resume(setting: str, root: Path, warn, option: str = "--resume") -> Path | None:
+def resolve_resume(setting: str, root: Path, warn, option: str = "--checkpoint.resume") -> Path | None:
     """The checkpoint `checkpoint.resume` names: "none", "auto" (newest in `root`, if any) or a path
     (a checkpoint folder, a checkpoints folder or a run directory). Runs on rank 0."""
     if setting == "none":
@@ -149,7 +150,7 @@ def resolve_resume(setting: str, root: Path, warn, option: str = "--resume") -> 
     raise CheckpointError(
         f"{option} {setting}: no complete checkpoint there (looked for {PREFIX}*/{MARKER} in {path} and "
         f"{path / 'checkpoints'}); give the run directory of a run that saved one (checkpoint.interval, or "
-        "the end of a run), or leave --resume at auto to start fresh"
+        "the end of a run), or leave checkpoint.resume at auto to start fresh"
     )
 
 
@@ -234,7 +235,7 @@ def check_compatible(path: Path, template: dict[str, Any]) -> None:
         parts.append(f"different shape: {few(shapes, lambda k: f'{k} {list(saved[k])} (model {list(want[k])})')}")
     raise CheckpointError(
         f"checkpoint {path} was written for a different model; " + "; ".join(parts) + ". Resume with the task "
-        "settings of that run (its config.toml), or start a new run directory (--log.dir) or --resume none"
+        "settings of that run (its config.toml), or start a new run directory (--log.dir) or --checkpoint.resume=none"
     )
 
 
@@ -294,16 +295,24 @@ def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank:
 # --- saving --------------------------------------------------------------------------------------------
 
 
-def _describe_failure(e: BaseException) -> str:
-    """The cause of a failed save, found in DCP's per-rank failures."""
+def _describe_failure(e: BaseException, where: Path) -> str:
+    """The cause of a failed save, found in DCP's per-rank failures ((exception, traceback) pairs)."""
     failures = getattr(e, "failures", None) or {}
-    causes = [*failures.values(), e]
-    for c in causes:
-        for inner in (c, getattr(c, "__cause__", None)):
-            if isinstance(inner, OSError) and inner.errno in (errno.ENOSPC, errno.EDQUOT):
+    excs = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+    for exc in [*excs, e]:
+        seen = 0
+        while exc is not None and seen < 10:  # torch.save's writer hides the OSError in __context__
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return "no space left on the device"
+            exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    # Another rank's failure arrives pickled, without its cause: judge by what is left.
+    try:
+        if shutil.disk_usage(where).free < 1 << 20:
+            return "no space left on the device"
+    except OSError:
+        pass
     ranks = ", ".join(map(str, sorted(failures))) if failures else ""
-    first = next(iter(failures.values()), e)
+    first = excs[0] if excs else e
     return f"{type(first).__name__}: {first}" + (f" (on rank {ranks})" if ranks else "")
 
 
@@ -343,7 +352,7 @@ class Checkpointer:
             try:
                 with _one_process_quiet():
                     dcp.save(state, checkpoint_id=str(tmp), no_dist=not ldist.active())
-            except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP gathers every rank's failure
                 self._failed(step, tmp, e)
             self._commit(tmp, target, meta, started)
             self._raise()
@@ -354,7 +363,7 @@ class Checkpointer:
         try:
             try:
                 fut.result()
-            except Exception as e:  # noqa: BLE001 - DCP gathers every rank's failure
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP gathers every rank's failure
                 self._failed(meta["step"], tmp, e)
             self._commit(tmp, target, meta, started)
         except Exception as e:  # noqa: BLE001 - raised by wait() on the training thread
@@ -363,6 +372,7 @@ class Checkpointer:
             done.set()
 
     def _failed(self, step: int, tmp: Path, e: BaseException) -> None:
+        why = _describe_failure(e, tmp if tmp.exists() else self.root)  # before the partial files go
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = (
@@ -370,7 +380,6 @@ class Checkpointer:
             if self.saved
             else ("no earlier checkpoint of this run exists")
         )
-        why = _describe_failure(e)
         fix = "free space there, lower checkpoint.keep_last, or set checkpoint.dir to a larger filesystem"
         raise CheckpointError(f"could not save the checkpoint of step {step} in {self.root}: {why}; {previous}; {fix}")
 

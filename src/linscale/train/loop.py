@@ -279,28 +279,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     resume = _find_resume(cfg, ckpt_root, topo)
     if resume is not None:
         plan = _resumed_plan(plan, resume, cfg, topo)
-    if topo.is_main:
-        write_run_dir(
-            run_dir,
-            cfg,
-            task_spec,
-            {
-                "world_size": topo.world_size,
-                "num_nodes": topo.num_nodes,
-                "device": device.name,
-                "backend": device.backend,
-                "threads_per_proc": device.threads,
-                "precision": precision.name,
-                "batch": {
-                    "global": plan.global_batch,
-                    "micro": plan.micro_batch,
-                    "accum": plan.accum_steps,
-                    "replicas": plan.replicas,
-                },
-                "resumed_from": str(resume[0]) if resume else None,
-            },
-        )
-
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = task.build_model().to(device.torch_device)
     shard = DataShard(topo.rank, topo.world_size, tc.seed)
@@ -346,6 +324,28 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     start_step = 0
     if resume is not None:
         start_step = _load_checkpoint(resume, model, opt, sched, precision, loader, device, topo, run_dir, tc.seed)
+    # Written once the checkpoint loaded: a refused resume leaves the run's config.toml as it was.
+    if topo.is_main:
+        write_run_dir(
+            run_dir,
+            cfg,
+            task_spec,
+            {
+                "world_size": topo.world_size,
+                "num_nodes": topo.num_nodes,
+                "device": device.name,
+                "backend": device.backend,
+                "threads_per_proc": device.threads,
+                "precision": precision.name,
+                "batch": {
+                    "global": plan.global_batch,
+                    "micro": plan.micro_batch,
+                    "accum": plan.accum_steps,
+                    "replicas": plan.replicas,
+                },
+                "resumed_from": str(resume[0]) if resume else None,
+            },
+        )
     ckpt = ckptmod.Checkpointer(
         ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, topo.rank, device, _main_print(topo)
     )
@@ -482,7 +482,7 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
         if step == start_step:
             report.print(
                 f"the checkpoint is at step {step}, the end of this run (train.max_steps or max_tokens): nothing "
-                "to train; raise the limit to continue, or --resume none to start again"
+                "to train; raise the limit to continue, or --checkpoint.resume=none to start again"
             )
         steady = None
         if step - start_step > warm:
