@@ -715,7 +715,11 @@ def _count_nonfinite(
     report.print(f"step {step}: the loss or a gradient is NaN/Inf: step skipped ({state['in_a_row']} in a row)")
     if state["in_a_row"] >= limit:
         ckpt.wait()  # a save in flight finishes: the newest checkpoint is whole
-        newest = f"the newest checkpoint, step {ckpt.saved[-1]}, is intact" if ckpt.saved else "no checkpoint was saved"
+        newest = (
+            f"the newest checkpoint, step {ckpt.saved[-1]}, is intact ({ckptmod.step_dir(ckpt.root, ckpt.saved[-1])})"
+            if ckpt.saved
+            else "no checkpoint was saved"
+        )
         raise Diverged(
             f"training diverged: {state['in_a_row']} steps in a row up to step {step} had a NaN/Inf loss or gradient "
             f"(train.max_nonfinite={setting}); {newest}. Resume from it with a lower optim.lr, more "
