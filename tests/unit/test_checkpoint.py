@@ -316,3 +316,15 @@ def test_train_takes_resume_as_a_flag_or_a_setting(flag):
     assert cfg.checkpoint.resume == "none"
     args, rest = parser.parse_known_args(["train", "gpt"])
     assert cli_train.prepare(args, rest)[1].checkpoint.resume == "auto"
+
+
+def test_set_aside_moves_newer_checkpoints_out_of_resume_and_keep_last_reach(tmp_path):
+    from linscale.train.checkpoint import set_aside
+
+    for step in (3, 6, 9):
+        make(tmp_path, step)
+    moved = set_aside(tmp_path, 3)
+    assert [p.name.split("-")[0] for p in moved] == ["step_00000006", "step_00000009"]
+    assert committed(tmp_path) == [tmp_path / "step_00000003"]
+    assert all(p.parent == tmp_path / "superseded" and verify(p) for p in moved)  # kept whole, not deleted
+    assert set_aside(tmp_path, -1)[0].name.startswith("step_00000003") and committed(tmp_path) == []

@@ -154,6 +154,21 @@ def resolve_resume(setting: str, root: Path, warn, option: str = "--checkpoint.r
     )
 
 
+def set_aside(root: Path, after_step: int) -> list[Path]:
+    """Move committed checkpoints newer than `after_step` into `root/superseded/` (rank 0): a run
+    that resumes from an older checkpoint, or starts afresh, must not find them later with
+    resume=auto, nor have keep_last delete its own newer saves first."""
+    moved = []
+    for path in committed(root):
+        step = _step_of(path)
+        if step is not None and step > after_step:
+            dest = root / "superseded" / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+            moved.append(dest)
+    return moved
+
+
 def remove_abandoned(root: Path) -> list[Path]:
     """Delete `.tmp` folders left by a job killed while saving (rank 0, before training)."""
     gone = []

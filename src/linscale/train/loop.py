@@ -323,7 +323,9 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
               "worker or node: every worker starts again from the newest checkpoint", flush=True)  # fmt: skip
     start_step = 0
     if resume is not None:
-        start_step = _load_checkpoint(resume, model, opt, sched, precision, loader, device, topo, run_dir, tc.seed)
+        start_step = _load_checkpoint(
+            resume, model, opt, sched, precision, loader, device, topo, run_dir, ckpt_root, tc.seed
+        )
     # Written once the checkpoint loaded: a refused resume leaves the run's config.toml as it was.
     if topo.is_main:
         write_run_dir(
@@ -591,6 +593,8 @@ def _find_resume(cfg: RunConfig, root: Path, topo: Topology) -> tuple[Path, dict
                 print(f"linscale: removed {len(gone)} incomplete checkpoint(s) of a stopped save: "
                       + ", ".join(p.name for p in gone), flush=True)  # fmt: skip
             path = ckptmod.resolve_resume(cfg.checkpoint.resume, root, lambda t: print(f"linscale: warning: {t}"))
+            if path is None:
+                _say_set_aside(ckptmod.set_aside(root, -1))  # a fresh start next to an earlier run's checkpoints
             if path is not None:
                 answer = {"path": str(path), "meta": ckptmod.read_marker(path)}
         except ckptmod.CheckpointError as e:
@@ -631,9 +635,11 @@ def _load_checkpoint(
     device: Device,
     topo: Topology,
     run_dir: Path,
+    root: Path,
     seed: int,
 ) -> int:
-    """Restore everything from the checkpoint; returns the step to continue from."""
+    """Restore everything from the checkpoint; returns the step to continue from. Checkpoints in
+    `root` newer than it belong to another trajectory and are set aside."""
     path, _ = resume
     t0 = time.perf_counter()
     meta = ckptmod.load(path, model, opt, device, topo.rank)
@@ -656,6 +662,7 @@ def _load_checkpoint(
         )
     if topo.is_main:
         _truncate_metrics(run_dir / "metrics.jsonl", step)
+        _say_set_aside(ckptmod.set_aside(root, step))
         was = f"{meta['world_size']} process(es)"
         print(
             f"linscale: resumed from {path} (step {step}, {meta['samples_consumed']:,} samples consumed, written by "
@@ -663,6 +670,12 @@ def _load_checkpoint(
             flush=True,
         )
     return step
+
+
+def _say_set_aside(moved: list[Path]) -> None:
+    if moved:
+        print(f"linscale: moved {len(moved)} checkpoint(s) of another trajectory to {moved[0].parent}: "
+              + ", ".join(p.name for p in moved), flush=True)  # fmt: skip
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
