@@ -7,13 +7,14 @@ standard shapes; `GPTConfig.named("gpt2-124m")` builds one.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from linscale.models import named_config
 
 POS_SCHEMES = ("learned", "rotary")
 
@@ -76,13 +77,7 @@ class GPTConfig:
     @classmethod
     def named(cls, name: str, **overrides: Any) -> GPTConfig:
         """The named shape from `SIZES`, with fields replaced by `overrides`."""
-        if name not in SIZES:
-            raise ValueError(f"unknown model size {name!r}; known sizes: {', '.join(SIZES)}")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"unknown GPTConfig field(s) {', '.join(unknown)}; fields: {', '.join(sorted(fields))}")
-        return cls(**{**SIZES[name], **overrides})
+        return named_config(cls, SIZES, name, overrides)
 
     def num_params(self) -> int:
         """Exact parameter count, from the configuration alone."""
