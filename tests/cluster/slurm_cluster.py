@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("srun", "sbatch", "sinfo", "squeue", "scancel", "scontrol")
 CLUSTER_TAG = "LINSCALE_SLURM_CLUSTER"
+# Seconds a job step's credential lives, and so how long a requeued job waits before it starts again.
+CRED_EXPIRE = 10
 # The loss-trajectory settings of
 # tests/dist/test_train.py: 20 steps of global batch 16 on 2 processes.
 STEPS = [
@@ -90,9 +92,36 @@ class Result:
         return self.stdout + self.stderr
 
 
-def run_tagged(cmd: list[str], *, env: dict[str, str], timeout: float = 180, cwd: Path | None = None) -> Result:
-    """Run `cmd` with a tag in its environment (which srun, sbatch and mpirun hand on to the
-    processes they start); fail the test on timeout or if a tagged process outlives it."""
+@dataclass
+class Tagged:
+    """A command started with a tag in its environment (which srun, sbatch and mpirun hand on to
+    the processes they start), not waited for yet."""
+
+    cmd: list[str]
+    proc: subprocess.Popen
+    tag: str
+
+    def finish(self, timeout: float = 180) -> Result:
+        """Wait for the command; fail the test on timeout or if a tagged process outlives it."""
+        cmd, proc, tag = self.cmd, self.proc, self.tag
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            _kill(pids_with_env("LINSCALE_TEST_TAG", tag))
+            out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s:\n{out}\n{err}")
+        # slurmstepd reaps a job's processes just after it reports the job done.
+        deadline = time.monotonic() + 10
+        while (left := pids_with_env("LINSCALE_TEST_TAG", tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        _kill(left)
+        assert not left, f"processes left behind after {cmd[0]} exited: {left}\n{out}\n{err}"
+        return Result(proc.returncode, out, err)
+
+
+def start_tagged(cmd: list[str], *, env: dict[str, str], cwd: Path | None = None) -> Tagged:
     tag = uuid.uuid4().hex
     proc = subprocess.Popen(
         cmd,
@@ -104,21 +133,13 @@ def run_tagged(cmd: list[str], *, env: dict[str, str], timeout: float = 180, cwd
         text=True,
         start_new_session=True,
     )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(OSError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        _kill(pids_with_env("LINSCALE_TEST_TAG", tag))
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout}s:\n{out}\n{err}")
-    # slurmstepd reaps a job's processes just after it reports the job done.
-    deadline = time.monotonic() + 10
-    while (left := pids_with_env("LINSCALE_TEST_TAG", tag)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    _kill(left)
-    assert not left, f"processes left behind after {cmd[0]} exited: {left}\n{out}\n{err}"
-    return Result(proc.returncode, out, err)
+    return Tagged(cmd, proc, tag)
+
+
+def run_tagged(cmd: list[str], *, env: dict[str, str], timeout: float = 180, cwd: Path | None = None) -> Result:
+    """Run `cmd` with a tag in its environment (which srun, sbatch and mpirun hand on to the
+    processes they start); fail the test on timeout or if a tagged process outlives it."""
+    return start_tagged(cmd, env=env, cwd=cwd).finish(timeout)
 
 
 # Each process prints its Topology as a tuple; launchers may glue the lines of two processes.
@@ -262,7 +283,8 @@ def _write_config(cluster: SlurmCluster, ctld_port: int, slurmd_port: int) -> No
                 f"SlurmdPort={slurmd_port}",
                 "AuthType=auth/munge",
                 "CredType=cred/munge",
-                f"AuthInfo=socket={r / 'munge.sock'}",
+                # cred_expire also delays a requeued job's next start (SLURM's default: 120 s).
+                f"AuthInfo=socket={r / 'munge.sock'},cred_expire={CRED_EXPIRE}",
                 f"SlurmUser={user}",
                 f"SlurmdUser={user}",
                 "ProctrackType=proctrack/linuxproc",
@@ -278,6 +300,9 @@ def _write_config(cluster: SlurmCluster, ctld_port: int, slurmd_port: int) -> No
                 # sbatch --wait polls after 2 s, then every 8 s unless MinJobAge / 2 <= 2: keep it at 2 s.
                 "MinJobAge=4",
                 "MailProg=/bin/true",
+                # A requeued job waits for its BeginTime, then for the next pass of the scheduler's
+                # main loop (every 60 s by default): look every 2 s.
+                "SchedulerParameters=sched_interval=2",
                 f"PlugStackConfig={r / 'plugstack.conf'}",
                 f"StateSaveLocation={r / 'state'}",
                 f"SlurmdSpoolDir={r / 'spool'}",

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from linscale.cluster.slurm import SlurmError, SlurmJob, render_script, task_name
+from linscale.cluster.slurm import DEFAULT_SIGNAL_LEAD, SlurmError, SlurmJob, render_script, task_name
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "slurm",
         help="write (and submit) a SLURM batch script that trains a task on N nodes",
         usage="linscale slurm TASK --nodes N [--gpus-per-node G | --nproc-per-node P] [--partition P] [--time T] "
-        "[--output FILE] [--submit] [--wait] [TRAIN ARGS ...]",
+        "[--signal-lead SECONDS] [--output FILE] [--submit] [--wait] [TRAIN ARGS ...]",
         description="Write an sbatch script that runs `linscale train TASK` on N nodes: one task per node "
         "starts the node's processes (one per GPU with --gpus-per-node, else --nproc-per-node CPU "
         "processes) and all nodes meet at a rendezvous on the first node. Arguments linscale slurm does not "
@@ -54,6 +54,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--script", default="", metavar="FILE", help="where to write the script (default: runs/slurm/NAME-TIME.sbatch)"
     )
     p.add_argument("--port", type=int, default=0, help="rendezvous port (default: derived from the job id)")
+    p.add_argument(
+        "--signal-lead",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="SLURM sends SIGUSR1 this long before the time limit (the partition's, or --time): the workers "
+        "checkpoint and stop, the job requeues itself and resumes when it runs again; 0: no signal "
+        f"(default: {DEFAULT_SIGNAL_LEAD}, or a quarter of a shorter --time)",
+    )
     p.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
     p.add_argument("--wait", action="store_true", help="submit and wait for the job to end; exit with the job's status")
     p.set_defaults(func=run_cli)
@@ -72,8 +81,9 @@ def _check_training(job: SlurmJob) -> None:
 
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
+    parser.add_argument("--resume")
     known, overrides = parser.parse_known_args(list(job.train_args))
-    task_cls, cfg = prepare(argparse.Namespace(task=job.task, config=known.config), overrides)
+    task_cls, cfg = prepare(argparse.Namespace(task=job.task, config=known.config, resume=known.resume), overrides)
     plan_run(make_task(task_cls, cfg), cfg, job.world_size)
 
 
@@ -97,6 +107,7 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
             workdir=str(cwd),
             run_dir_prefix=str(cwd / "runs" / f"{task_name(args.task)}-slurm-"),
             port=args.port,
+            signal_lead=args.signal_lead,
             python=sys.executable,
             train_args=(*([f"--config={Path(args.config).absolute()}"] if args.config else []), *rest),
         )

@@ -2,24 +2,39 @@
 
 The script asks for one task per node; each task is a node's linscale launcher, which starts
 that node's worker processes through torch's elastic agent and meets the other nodes at a c10d
-rendezvous on the job's first node.
+rendezvous on the job's first node. Before the time limit SLURM sends SIGUSR1: the workers save a
+checkpoint and stop, and the job goes back to the queue (`requeue_after_signal`, then the script)
+to resume in the same run directory.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 # The rendezvous port is derived from the job id inside the script, in the range the topology
 # uses for srun tasks (runtime/topology.py): below Linux's ephemeral ports.
 PORT_BASE = 20000
 PORT_SPAN = 12000
 DEFAULT_CPU_PROCS = 2
+# Seconds before the time limit at which SLURM sends SIGUSR1: the workers checkpoint at their next
+# loss reduction (every train.log_every steps), stop, and the job requeues itself. Room for a few
+# steps and the save of a large model; SLURM may also send it up to a minute early.
+DEFAULT_SIGNAL_LEAD = 120
+MAX_SIGNAL_LEAD = 65535  # sbatch --signal's limit
 
 _TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}|(?i:unlimited|infinite)")
 _NAME = re.compile(r"[^\s'\"\\]+")
+# Where the batch script asks rank 0 to leave the job id when the run stopped on SIGUSR1 so that
+# the script requeues the job after the launchers have ended.
+REQUEUE_FILE_VAR = "LINSCALE_REQUEUE_FILE"
 # `linscale train` options that the script sets itself.
 SCRIPT_OWNS = ("--nnodes", "--node-rank", "--rdzv-endpoint", "--master-addr", "--master-port", "--nproc-per-node")
 
@@ -42,6 +57,7 @@ class SlurmJob:
     workdir: str = ""  # sbatch --chdir: relative task files and run directories resolve here
     run_dir_prefix: str = ""  # --log.dir=PREFIX<job id> (unless train_args set --log.dir)
     port: int = 0  # 0: derived from the job id
+    signal_lead: int | None = None  # sbatch --signal=USR1@SECONDS; 0: no signal; None: see `lead`
     python: str = field(default_factory=lambda: sys.executable)
     train_args: tuple[str, ...] = ()
 
@@ -63,6 +79,16 @@ class SlurmJob:
             raise SlurmError(
                 f"--time {self.time!r} is not a SLURM time: use MINUTES, HH:MM:SS, D-HH, D-HH:MM:SS or UNLIMITED"
             )
+        if self.signal_lead is not None:
+            if not 0 <= self.signal_lead <= MAX_SIGNAL_LEAD:
+                raise SlurmError(f"--signal-lead must be 0..{MAX_SIGNAL_LEAD} seconds, got {self.signal_lead}")
+            limit = time_limit_seconds(self.time) if self.time else None
+            if self.signal_lead and limit is not None and self.signal_lead > limit // 2:
+                raise SlurmError(
+                    f"--signal-lead {self.signal_lead} with --time {self.time} ({limit} s): the checkpoint signal "
+                    "would come in the first half of every run, and each requeued run would stop as early; give a "
+                    "longer --time, a shorter --signal-lead, or --signal-lead 0 for no signal"
+                )
         if self.partition and not _NAME.fullmatch(self.partition):
             raise SlurmError(f"--partition {self.partition!r} is not a partition name")
         if self.job_name and not _NAME.fullmatch(self.job_name):
@@ -76,6 +102,15 @@ class SlurmJob:
                     f"{name} is set by the script (one launcher per node at a rendezvous on the first node); "
                     "use linscale slurm's --nodes and --nproc-per-node"
                 )
+
+    @property
+    def lead(self) -> int:
+        """Seconds before the time limit for SIGUSR1 (0: none): signal_lead, or by default
+        DEFAULT_SIGNAL_LEAD, but at most a quarter of a --time limit."""
+        if self.signal_lead is not None:
+            return self.signal_lead
+        limit = time_limit_seconds(self.time) if self.time else None
+        return DEFAULT_SIGNAL_LEAD if limit is None else min(DEFAULT_SIGNAL_LEAD, limit // 4)
 
     @property
     def procs_per_node(self) -> int:
@@ -95,6 +130,23 @@ class SlurmJob:
     @property
     def name(self) -> str:
         return self.job_name or f"linscale-{task_name(self.task)}"
+
+
+def time_limit_seconds(text: str) -> int | None:
+    """A SLURM time limit in seconds (None: unlimited): MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS,
+    DAYS-HOURS, DAYS-HOURS:MINUTES or DAYS-HOURS:MINUTES:SECONDS."""
+    if text.lower() in ("unlimited", "infinite"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 1:
+        return parts[0] * 60
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
 
 
 def task_name(task: str) -> str:
@@ -136,8 +188,15 @@ def render_script(job: SlurmJob) -> str:
         sbatch.append(f"--partition={job.partition}")
     if job.time:
         sbatch.append(f"--time={job.time}")
+    if job.lead:
+        sbatch.append(f"--signal=USR1@{job.lead}")
+    # The job may go back to the queue: rank 0 requeues it after the signal's checkpoint, and SLURM
+    # after a node failure. It keeps its id, so its run directory: the next run resumes there.
+    sbatch.append("--requeue")
     if job.output:
         sbatch.append(f"--output={job.output}")
+        # A requeued run writes to the same log: after the earlier runs' lines, not over them.
+        sbatch.append("--open-mode=append")
     if job.workdir:
         sbatch.append(f"--chdir={job.workdir}")
     kind = f"{job.gpus_per_node} GPU(s)" if job.gpus_per_node else "CPU"
@@ -149,6 +208,14 @@ def render_script(job: SlurmJob) -> str:
         f"({kind}) = world size {job.world_size}.",
         "# One task per node runs `linscale train` as the node's launcher; the launchers meet at a",
         "# rendezvous on the job's first node and each starts its node's processes.",
+        *(
+            [
+                f"# {job.lead} s before the time limit SLURM sends SIGUSR1: the workers save a checkpoint and",
+                "# stop, and the job requeues itself (LINSCALE_REQUEUE=0: it ends instead); its next run resumes.",
+            ]
+            if job.lead
+            else []
+        ),
         "set -eu",
         "export PYTHONUNBUFFERED=1",
         "",
@@ -169,6 +236,17 @@ def render_script(job: SlurmJob) -> str:
         "  exit 1",
         "fi",
         f"port={job.port}" if job.port else f"port=$(({PORT_BASE} + SLURM_JOB_ID % {PORT_SPAN}))",
+        "# A requeued run continues from its own newest checkpoint, whatever --resume the first run had.",
+        "restart_args=()",
+        'if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then',
+        '  echo "linscale: job $SLURM_JOB_ID runs again (restart ${SLURM_RESTART_COUNT}): training resumes from the'
+        ' newest checkpoint in its run directory"',
+        "  restart_args=(--resume auto)",
+        "fi",
+        "# After a stop on SIGUSR1, rank 0 writes the job id here (in the shared working directory), and",
+        "# the job requeues itself once every node's launcher has ended cleanly.",
+        f'export {REQUEUE_FILE_VAR}="$PWD/.linscale-requeue-$SLURM_JOB_ID"',
+        f'rm -f "${REQUEUE_FILE_VAR}"',
         "",
     ]
     srun = ["srun", '--nodes="$SLURM_NNODES"', '--ntasks="$SLURM_NNODES"', "--ntasks-per-node=1"]
@@ -188,29 +266,63 @@ def render_script(job: SlurmJob) -> str:
     if job.run_dir_prefix and not _sets_log_dir(job.train_args):
         train.append(q(f"--log.dir={job.run_dir_prefix}") + '"$SLURM_JOB_ID"')
     train.extend(_arg_lines(job.train_args))
+    train.append('${restart_args[@]+"${restart_args[@]}"}')  # last: it wins over the arguments before
     command = [" ".join(srun), " ".join(train[:3]), *train[3:]]
     lines.append(" \\\n  ".join(command))
+    lines += [
+        "",
+        f'if [ "$(cat "${REQUEUE_FILE_VAR}" 2>/dev/null)" = "$SLURM_JOB_ID" ]; then',
+        f'  rm -f "${REQUEUE_FILE_VAR}"',
+        '  echo "linscale: requeueing job $SLURM_JOB_ID: its next run resumes from the checkpoint"',
+        '  if ! scontrol requeue "$SLURM_JOB_ID"; then',
+        '    echo "linscale: error: SLURM did not requeue job $SLURM_JOB_ID; to resume, submit the job again with'
+        " --log.dir set to this job's run directory\" >&2",
+        "    exit 1",
+        "  fi",
+        "fi",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def requeue_after_signal(say) -> bool:
-    """Put this SLURM batch job back in the queue after a checkpoint taken on the pre-timeout
-    signal; the requeued job keeps its id, so its run directory, and resumes from the checkpoint.
-    Returns whether it was requeued (False outside SLURM)."""
-    import os
-    import shutil
-    import subprocess
+def requeue_after_signal(say: Callable[[str], None]) -> bool:
+    """Put this SLURM batch job back in the queue after the checkpoint taken on the pre-timeout
+    signal; rank 0 calls it once the run has stopped and reported. The requeued job keeps its id,
+    so its run directory, and resumes from the checkpoint; SLURM starts it again once the
+    cluster's credential lifetime has passed (AuthInfo cred_expire, 120 s by default).
 
+    Under a script of `linscale slurm` the job id goes to the script's LINSCALE_REQUEUE_FILE and
+    the script requeues the job after every launcher has ended. Elsewhere `scontrol requeue` runs
+    here, and ends this run at once: SLURM terminates every process of the job, this one too, so
+    nothing may follow the call. Returns whether the job was (or will be) requeued: False outside
+    SLURM, with LINSCALE_REQUEUE=0, or when SLURM refuses (the message says how to resume)."""
     job = os.environ.get("SLURM_JOB_ID")
-    if not job or os.environ.get("LINSCALE_REQUEUE", "1") == "0":
+    if not job:
         return False
+    again = "submit the job again with --log.dir set to this run directory to resume from the checkpoint"
+    if os.environ.get("LINSCALE_REQUEUE", "1") == "0":
+        say(f"LINSCALE_REQUEUE=0: job {job} is not requeued; {again}")
+        return False
+    request = os.environ.get(REQUEUE_FILE_VAR)
+    if request:
+        try:
+            Path(request).write_text(job)
+        except OSError as e:
+            say(f"cannot ask the batch script to requeue job {job} ({request}: {e.strerror}); {again}")
+            return False
+        say(f"job {job} goes back to the queue when this run has ended: its next run resumes from this checkpoint")
+        return True
     scontrol = shutil.which("scontrol")
     if scontrol is None:
-        say("SLURM job without scontrol on PATH: not requeued; resubmit it to resume")
+        say(f"scontrol is not on PATH: job {job} is not requeued; {again}")
         return False
-    out = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    say(f"requeueing job {job}: its next run resumes from this checkpoint")
+    try:
+        out = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        say(f"scontrol requeue {job} failed ({e}); {again}")
+        return False
     if out.returncode != 0:
-        say(f"scontrol requeue {job} failed ({out.stderr.strip()}); resubmit the job to resume from its checkpoint")
+        detail = (out.stderr or out.stdout).strip() or f"exit code {out.returncode}"
+        say(f"scontrol requeue {job} failed ({detail}: only batch jobs requeue); {again}")
         return False
-    say(f"job {job} requeued: it resumes from its checkpoint when it runs again")
     return True

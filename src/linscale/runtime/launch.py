@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 
 class LaunchError(RuntimeError):
@@ -225,6 +228,17 @@ def _network_env(local_ip: str) -> None:
         os.environ.setdefault(var, iface)
 
 
+# The c10d rendezvous's timing, for a job that restarts after losing a node. The surviving agents
+# meet again in a new round only once the lost node counts as dead (no heartbeat for
+# keep_alive_interval x keep_alive_max_attempt seconds; torch's 5 x 3) and then wait
+# last_call_timeout for more nodes once --nnodes MIN have joined (torch's 30 s): 45 s of a
+# restart spent waiting. A heartbeat every 2 s, dead after 10 s without, and a last call of 10 s
+# cut that to 20 s; nodes that a scheduler starts together still join the first round together,
+# and a node that comes later joins at a restart of the job (the agents restart for a waiting
+# node). A job of a fixed --nnodes N completes each round as soon as N nodes are there.
+ELASTIC_RDZV = {"keep_alive_interval": 2, "keep_alive_max_attempt": 5, "last_call_timeout": 10}
+
+
 def _rendezvous(spec: LaunchSpec) -> tuple[dict, object | None]:
     """The LaunchConfig fields that say how this node meets the others, and anything that
     must stay alive while the job runs (node 0's roll-call store)."""
@@ -249,7 +263,7 @@ def _rendezvous(spec: LaunchSpec) -> tuple[dict, object | None]:
         return dict(
             rdzv_backend="c10d",
             rdzv_endpoint=spec.rdzv_endpoint,
-            rdzv_configs={"is_host": is_host, "join_timeout": spec.join_timeout},
+            rdzv_configs={"is_host": is_host, "join_timeout": spec.join_timeout, **ELASTIC_RDZV},
             run_id=f"linscale-{host}-{port}",
             local_addr=local_ip,
         ), None
@@ -268,6 +282,76 @@ def _rendezvous(spec: LaunchSpec) -> tuple[dict, object | None]:
         run_id=f"linscale-{spec.master_addr}-{port}",
         local_addr=local_ip,
     ), keep
+
+
+# Signals the launcher hands on to its workers instead of dying of them. SIGUSR1 is what
+# `sbatch --signal=USR1@SECONDS` sends before the time limit: the workers checkpoint and stop.
+FORWARDED = (signal.SIGUSR1,)
+
+
+def _is_worker_cmdline(args: list[str]) -> bool:
+    """`python -m linscale ...` (how spawn starts workers) or the `linscale` console script."""
+    pairs = zip(args, args[1:], strict=False)
+    return any(a == "-m" and b == "linscale" for a, b in pairs) or any(Path(a).name == "linscale" for a in args[:2])
+
+
+def worker_pids(parent: int, proc: Path = Path("/proc")) -> list[int]:
+    """The linscale workers among `parent`'s child processes: the elastic agent starts them as
+    direct children, each in a session of its own, so a signal to the launcher's process group
+    does not reach them."""
+    pids = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid != parent:
+                continue
+            args = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        if _is_worker_cmdline([a for a in args if a]):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def forward_to_workers(signum: int, parent: int | None = None, proc: Path = Path("/proc")) -> list[int]:
+    """Send `signum` to the launcher's workers; returns the pids that got it."""
+    sent = []
+    for pid in worker_pids(os.getpid() if parent is None else parent, proc):
+        try:
+            os.kill(pid, signum)
+            sent.append(pid)
+        except ProcessLookupError:
+            pass
+    return sent
+
+
+class _Forwarding:
+    """While the agent runs: the FORWARDED signals go to the workers, and the launcher lives on
+    to collect their results (its default action for SIGUSR1 would be to die, which ends the
+    job's step and, under SLURM, the whole job before the workers could save)."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, _frame) -> None:
+        sent = forward_to_workers(signum)
+        name = signal.Signals(signum).name
+        print(f"linscale: launcher got {name}: handed on to {len(sent)} worker(s)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _Forwarding:
+        if threading.current_thread() is threading.main_thread():  # signal.signal works there only
+            for s in FORWARDED:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
 
 
 def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
@@ -300,7 +384,8 @@ def spawn(spec: LaunchSpec, argv: list[str], log_dir: str) -> None:
         start_method="spawn",
     )
     try:
-        elastic_launch(config, sys.executable)("-m", "linscale", *argv)
+        with _Forwarding():
+            elastic_launch(config, sys.executable)("-m", "linscale", *argv)
     except ChildFailedError as e:
         raise LaunchError(_failure_message(e)) from None
     except Exception as e:  # noqa: BLE001 - the agent itself failed: rendezvous, a lost store

@@ -258,17 +258,29 @@ def run(task_spec: str, task_cls: type, cfg: RunConfig) -> dict[str, Any]:
     """Train on this process's share of the job. Every process of the job calls this."""
     topo = topology.detect()
     device = devmod.resolve(cfg.runtime.device, topo.local_rank, cfg.runtime.threads_per_proc, topo.local_world_size)
-    # gloo/NCCL's own timeout is a backstop behind the watchdog, which fires at runtime.timeout
-    # while the collective still waits, so its report shows where each rank is.
-    ldist.init(topo, device, cfg.runtime.timeout + 30)
+    # Installed first: SLURM's pre-timeout SIGUSR1 may come while the job is still starting.
+    stop_signal = StopSignal()
+    stop_signal.install()
     try:
-        return _train(task_spec, task_cls, cfg, topo, device)
+        # gloo/NCCL's own timeout is a backstop behind the watchdog, which fires at runtime.timeout
+        # while the collective still waits, so its report shows where each rank is.
+        ldist.init(topo, device, cfg.runtime.timeout + 30)
+        try:
+            return _train(task_spec, task_cls, cfg, topo, device, stop_signal)
+        finally:
+            ldist.shutdown()
     finally:
-        ldist.shutdown()
+        stop_signal.restore()
 
 
-def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, device: Device) -> dict[str, Any]:
+def _train(
+    task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, device: Device, stop_signal: StopSignal
+) -> dict[str, Any]:
     tc = cfg.train
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts and topo.is_main:
+        print(f"linscale: restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a failed "
+              "worker or node: every worker starts again from the newest checkpoint", flush=True)  # fmt: skip
     precision = resolve_precision(cfg.runtime.precision, device)
     task = make_task(task_cls, cfg)
     tokens_per_sample = getattr(task, "tokens_per_sample", None)
@@ -317,10 +329,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts and topo.is_main:
-        print(f"linscale: restart {restarts} of {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')} after a failed "
-              "worker or node: every worker starts again from the newest checkpoint", flush=True)  # fmt: skip
     start_step = 0
     if resume is not None:
         start_step = _load_checkpoint(
@@ -351,7 +359,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     ckpt = ckptmod.Checkpointer(
         ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, topo.rank, device, _main_print(topo)
     )
-    stop_signal = StopSignal()
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)
     report.progress(start_step, None, None)
     warm = mx.warmup_steps(total_steps - start_step if total_steps else None)
@@ -376,7 +383,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
     step = start_step
     kill_at = _test_kill_step(topo.rank)
     stuck_at = _test_kill_step(topo.rank, "LINSCALE_TEST_STUCK_AT_STEP")
-    stop_signal.install()
     watchdog = _start_watchdog(cfg.runtime.timeout, topo)
 
     def beat(what: str, watched: bool = True) -> None:
@@ -537,7 +543,8 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
                 print(text, flush=True)
         if watchdog is not None:
             watchdog.stop()
-        if stopped_by and topo.is_main:
+        unfinished = (total_steps is None or step < total_steps) and target_at is None
+        if stopped_by and unfinished and topo.is_main:
             from linscale.cluster.slurm import requeue_after_signal
 
             requeue_after_signal(report.print)
@@ -549,7 +556,6 @@ def _train(task_spec: str, task_cls: type, cfg: RunConfig, topo: Topology, devic
             watchdog.stop(failed=True)
         raise
     finally:
-        stop_signal.restore()
         report.close()
 
 
@@ -804,8 +810,10 @@ class StopSignal:
                 self._previous[s] = signal.signal(s, self._handle)
 
     def restore(self) -> None:
+        """Put back the previous handlers, except the default action (ending the process): a late or
+        repeated signal while the process finishes is ignored instead."""
         for s, handler in self._previous.items():
-            signal.signal(s, handler)
+            signal.signal(s, signal.SIG_IGN if handler == signal.SIG_DFL else handler)
         self._previous.clear()
 
 
