@@ -39,7 +39,7 @@ import threading
 import time
 import warnings
 import zlib
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +212,37 @@ def tensor_state(model: nn.Module, opt: torch.optim.Optimizer, init_optimizer: b
     return {"model": msd, "optim": {"state": osd["state"]}}
 
 
+def _plain_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The same dict as `tensor_state` for an unsharded model and optimizer, without
+    `get_state_dict`'s per-save bookkeeping (it costs more than the copy of a small model)."""
+    from linscale.runtime.parallel import unwrap
+
+    names = _names(model)
+    state = {names[p]: dict(s) for p, s in opt.state.items()}
+    return {"model": unwrap(model).state_dict(), "optim": {"state": state}}
+
+
+def _keys(state: dict[str, Any], prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in state.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}"}
+    return out
+
+
+def _host_copy(state: Any) -> Any:
+    if isinstance(state, dict):
+        return {k: _host_copy(v) for k, v in state.items()}
+    return state.detach().clone() if isinstance(state, torch.Tensor) else state
+
+
+def _all_plain_host_tensors(state: Any) -> bool:
+    if isinstance(state, dict):
+        return all(_all_plain_host_tensors(v) for v in state.values())
+    if isinstance(state, torch.Tensor):
+        return state.device.type == "cpu" and (type(state) is torch.Tensor or isinstance(state, nn.Parameter))
+    return True
+
+
 def _rng_state(device) -> dict[str, torch.Tensor]:
     return device.rng_state()
 
@@ -347,6 +378,8 @@ class Checkpointer:
         self.stall_s = 0.0  # time training waited for saves
         self.write_s = 0.0  # time the saves took, start to commit
         self.group = dist.new_group(backend="gloo") if self.async_save else None
+        self._plain_ok: bool | None = None  # whether _plain_state gives tensor_state's keys
+        self._writer: ThreadPoolExecutor | None = None
 
     def save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, extra: dict[str, Any]) -> None:
         """Checkpoint after `step` optimizer steps. `extra`: JSON-able state for the marker."""
@@ -355,13 +388,22 @@ class Checkpointer:
         target = step_dir(self.root, step)
         tmp = target.with_name(target.name + ".tmp")
         # Every rank's writer creates the folder; a leftover of a killed job was removed at start-up.
-        state = tensor_state(model, opt, init_optimizer=False)
+        state = self._state(model, opt)
         state["rng"] = {f"rank{self.rank}": _rng_state(self.device)}
         meta = {"format": FORMAT, "step": step, **extra}
         started = time.time()
         if self.async_save:
             done = self.pending = threading.Event()
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
+            if _all_plain_host_tensors(state):
+                # Host tensors: one clone each is the whole staging, and one long-lived writer
+                # thread (DCP's async_save deep-copies generically and starts a thread per save,
+                # which costs more than the copy for a small model).
+                staged = _host_copy(state)
+                if self._writer is None:
+                    self._writer = ThreadPoolExecutor(1, thread_name_prefix="linscale-checkpoint")
+                fut = self._writer.submit(dcp.save, staged, checkpoint_id=str(tmp), process_group=self.group)
+            else:  # device tensors or DTensors: DCP's stager copies them to host memory
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self.group)
             fut.add_done_callback(lambda f: self._finish(f, tmp, target, meta, started, done))
         else:
             try:
@@ -372,6 +414,18 @@ class Checkpointer:
             self._commit(tmp, target, meta, started)
             self._raise()
         self.stall_s += time.perf_counter() - t0
+
+    def _state(self, model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+        """What to save; the cheap path for unsharded models once it proved to give the same keys."""
+        from linscale.runtime.parallel import is_sharded
+
+        if self._plain_ok is None:
+            self._plain_ok = not is_sharded(model) and not _is_zero1(opt)
+            if self._plain_ok:  # the first save compares the two (tied weights could name things apart)
+                reference = tensor_state(model, opt, init_optimizer=False)
+                self._plain_ok = _keys(reference) == _keys(_plain_state(model, opt))
+                return reference
+        return _plain_state(model, opt) if self._plain_ok else tensor_state(model, opt, init_optimizer=False)
 
     def _finish(self, fut: Future, tmp: Path, target: Path, meta: dict, started: float, done: threading.Event) -> None:
         """The background thread's end of an asynchronous save: commit it, or record why not."""
@@ -438,6 +492,9 @@ class Checkpointer:
 
     def close(self) -> None:
         self.wait()
+        if self._writer is not None:
+            self._writer.shutdown()
+            self._writer = None
         if self.group is not None:
             dist.destroy_process_group(self.group)
             self.group = None
