@@ -1,1 +1,1 @@
-"""Language-model data: tokenizers, memory-mapped token shards and the training data path."""
+"""Training data: token shards and their preprocessing, image folders."""
