@@ -356,10 +356,12 @@ def _train(
                 "resumed_from": str(resume[0]) if resume else None,
             },
         )
-    ckpt = ckptmod.Checkpointer(
-        ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, topo.rank, device, _main_print(topo)
-    )
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)
+    # Through the reporter: above the progress bar, on rank 0 only (also from the writer thread).
+    ckpt = ckptmod.Checkpointer(
+        ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, topo.rank, device,
+        lambda text: report.print(f"linscale: {text}"),
+    )  # fmt: skip
     report.progress(start_step, None, None)
     warm = mx.warmup_steps(total_steps - start_step if total_steps else None)
     times = mx.StepTimes(warmup_steps=warm)
@@ -579,14 +581,6 @@ def _test_kill_step(rank: int, var: str = "LINSCALE_TEST_KILL_AT_STEP") -> int |
         return None
     who, _, at = spec.rpartition(":")
     return int(at) if not who or int(who) == rank else None
-
-
-def _main_print(topo: Topology):
-    def say(text: str) -> None:
-        if topo.is_main:
-            print(f"linscale: {text}", flush=True)
-
-    return say
 
 
 def _find_resume(cfg: RunConfig, root: Path, topo: Topology) -> tuple[Path, dict[str, Any]] | None:
