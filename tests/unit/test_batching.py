@@ -283,3 +283,14 @@ def test_too_small_dataset(num_samples, global_batch):
         ValueError, match=f"has {num_samples} samples, fewer than one global batch \\({global_batch}\\)"
     ):
         StepSampler(num_samples, plan, 0, seed=0)
+
+
+def test_keyed_sampler_yields_epoch_index_pairs_of_the_same_order():
+    plan = plan_batch(8, 2, 2)
+    plain = StepSampler(20, plan, rank=1, seed=3)
+    keyed = StepSampler(20, plan, rank=1, seed=3, keyed=True)
+    for step in range(2 * plain.steps_per_epoch + 1):  # three epochs
+        for k in range(plan.accum_steps):
+            pairs = keyed.micro_indices(step, k)
+            assert [i for _, i in pairs] == plain.micro_indices(step, k)
+            assert {e for e, _ in pairs} == {step // plain.steps_per_epoch}

@@ -81,9 +81,12 @@ class StepSampler:
     one optimizer step are therefore the same whatever the number of replicas, which is what
     makes a 2-process run follow the 1-process loss curve, and a position in the data is just
     a count of samples. The tail of an epoch that does not fill a global batch is skipped.
+
+    `keyed=True` yields `(epoch, index)` pairs instead of indices, for datasets whose per-sample
+    randomness (augmentation) depends on the epoch: the key carries it to any worker process.
     """
 
-    def __init__(self, num_samples: int, plan: BatchPlan, rank: int, seed: int) -> None:
+    def __init__(self, num_samples: int, plan: BatchPlan, rank: int, seed: int, keyed: bool = False) -> None:
         if num_samples < plan.global_batch:
             raise ValueError(
                 f"the training data has {num_samples} samples, fewer than one global batch "
@@ -95,6 +98,7 @@ class StepSampler:
         self.seed = seed
         self.steps_per_epoch = num_samples // plan.global_batch
         self.start_step = 0
+        self.keyed = keyed
         self._epoch = -1
         self._perm: np.ndarray | None = None
 
@@ -106,12 +110,13 @@ class StepSampler:
         assert self._perm is not None
         return self._perm
 
-    def micro_indices(self, step: int, micro: int) -> list[int]:
-        """Dataset indices of micro-batch `micro` of global step `step` on this rank."""
+    def micro_indices(self, step: int, micro: int) -> list[int] | list[tuple[int, int]]:
+        """Dataset indices (or `(epoch, index)` keys) of micro-batch `micro` of global step `step` on this rank."""
         epoch, s = divmod(step, self.steps_per_epoch)
         p = self.plan
         start = s * p.global_batch + self.rank * p.per_replica + micro * p.micro_batch
-        return self._permutation(epoch)[start : start + p.micro_batch].tolist()
+        indices = self._permutation(epoch)[start : start + p.micro_batch].tolist()
+        return [(epoch, i) for i in indices] if self.keyed else indices
 
     def __iter__(self):
         """Micro-batches of indices forever, from optimizer step `self.start_step`."""

@@ -102,7 +102,8 @@ def make_train_loader(
             "train_data must return a torch Dataset (with __len__ and __getitem__) or an IterableDataset; "
             f"got {type(data).__name__}"
         )
-    sampler = StepSampler(len(data), plan, topo.rank, seed)
+    # A dataset that declares `epoch_keys` (augmentation seeded per epoch) reads (epoch, index) keys.
+    sampler = StepSampler(len(data), plan, topo.rank, seed, keyed=bool(getattr(data, "epoch_keys", False)))
     return DataLoader(data, batch_sampler=sampler, **common), len(data)
 
 
