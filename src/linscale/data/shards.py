@@ -40,7 +40,17 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _fsync_dir(path: Path) -> None:
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a file's bytes, read in 4 MiB chunks."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in `path` durable (best effort where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -65,7 +75,7 @@ def atomic_write(path: Path, data: bytes | memoryview) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_shard(out_dir: Path, rel_file: str, tokens: np.ndarray, dtype: np.dtype | None = None) -> dict:
@@ -153,10 +163,7 @@ def _check_entry(out_dir: Path, entry: dict, itemsize: int, full: bool) -> None:
     if size != expected:
         raise _damaged(path, f"{size} bytes, the index says {entry['tokens']} tokens = {expected} bytes")
     if full and "crc32" in entry:
-        crc = 0
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                crc = zlib.crc32(chunk, crc)
+        crc = file_crc32(path)
         if crc != entry["crc32"]:
             raise _damaged(path, f"crc32 {crc} does not match the index's {entry['crc32']}")
 

@@ -38,7 +38,6 @@ import shutil
 import threading
 import time
 import warnings
-import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 
-from linscale.data.shards import _fsync_dir, atomic_write
+from linscale.data.shards import atomic_write, file_crc32, fsync_dir
 from linscale.runtime import dist as ldist
 
 FORMAT = "linscale-checkpoint v1"
@@ -84,14 +83,6 @@ def _step_of(path: Path) -> int | None:
     return int(name[len(PREFIX) :])
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def read_marker(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / MARKER).read_text())
@@ -114,7 +105,7 @@ def verify(path: Path) -> dict[str, Any]:
             raise CheckpointError(
                 f"checkpoint {path} is truncated or damaged: {name} has {size} bytes of {want['bytes']}"
             )
-        if _crc32(f) != want["crc32"]:
+        if file_crc32(f) != want["crc32"]:
             raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match its checksum")
     return meta
 
@@ -460,13 +451,13 @@ class Checkpointer:
             return
         try:
             files = sorted(p for p in tmp.iterdir() if p.is_file())
-            meta["files"] = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in files}
+            meta["files"] = {p.name: {"bytes": p.stat().st_size, "crc32": file_crc32(p)} for p in files}
             meta["written_seconds"] = round(time.time() - started, 3)
             atomic_write(tmp / MARKER, (json.dumps(meta, indent=1) + "\n").encode())
             if target.exists():  # a run restarted without resuming saves the same step again
                 shutil.rmtree(target)
             os.replace(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             self._failed(meta["step"], tmp, e)

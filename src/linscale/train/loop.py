@@ -28,7 +28,7 @@ from linscale.train import checkpoint as ckptmod
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
 from linscale.train.optim import build_optimizer, build_scheduler, check_schedule
-from linscale.train.precision import Precision, check_combination, resolve_precision
+from linscale.train.precision import Precision, check_combination, host_float, resolve_precision
 from linscale.train.rundir import default_run_dir, write_run_dir
 
 
@@ -166,9 +166,7 @@ def evaluate(task: Task, model: nn.Module, ev: EvalSet, precision: Precision, de
 
 
 def _scalar(t: torch.Tensor | None) -> float:
-    if t is None:
-        return float("nan")
-    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+    return float("nan") if t is None else host_float(t)
 
 
 def _check_loss(loss: Any) -> torch.Tensor:

@@ -86,7 +86,7 @@ class Precision:
         the host itself, except with fused optimizers, which skip in their kernel)."""
         if self.scaler is None:
             norm = clip()
-            if check_finite and norm is not None and not math.isfinite(_host(norm)):
+            if check_finite and norm is not None and not math.isfinite(host_float(norm)):
                 return norm, False
             optimizer.step()
             return norm, True
@@ -113,7 +113,8 @@ class Precision:
             self._skips = torch.tensor(int(state.get("skipped_steps", 0)))
 
 
-def _host(t: torch.Tensor) -> float:
+def host_float(t: torch.Tensor) -> float:
+    """A scalar tensor (or a replicated DTensor) as a Python float: waits for the device."""
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
