@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from linscale.models import named_config
+from linscale.models.gpt import SelfAttention
 
 #: Named shapes, all at 224 x 224 with 1000 classes except `tiny`.
 #: * tiny: a test model for 32 x 32 images and 10 classes (75,082 parameters).
@@ -121,28 +121,11 @@ class ViTConfig:
         return 3 * self.forward_flops() - self.patch_embed_flops()
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.heads = cfg.heads
-        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
-        self.proj = nn.Linear(cfg.width, cfg.width)
-        self.dropout = cfg.dropout
-
-    def forward(self, x_BNC: torch.Tensor) -> torch.Tensor:
-        B, N, C = x_BNC.shape
-        q, k, v = self.qkv(x_BNC).split(C, dim=2)
-        # (B, N, C) -> (B, heads, N, C/heads)
-        q, k, v = (t.view(B, N, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, N, C))
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.width)
-        self.attn = Attention(cfg)
+        self.attn = SelfAttention(cfg.width, cfg.heads, cfg.dropout, causal=False)
         self.ln2 = nn.LayerNorm(cfg.width)
         self.mlp = nn.Sequential(
             nn.Linear(cfg.width, cfg.mlp_dim),
