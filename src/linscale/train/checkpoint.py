@@ -39,7 +39,6 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -234,20 +233,6 @@ def _all_plain_host_tensors(state: Any) -> bool:
     return True
 
 
-def _rng_state(device) -> dict[str, torch.Tensor]:
-    return device.rng_state()
-
-
-@dataclass
-class Resumed:
-    """What the training loop continues from."""
-
-    path: Path
-    step: int
-    samples: int
-    meta: dict[str, Any]
-
-
 def check_compatible(path: Path, template: dict[str, Any]) -> None:
     """A clear error when the checkpoint was written for another model (keys or shapes differ)."""
     md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -305,7 +290,7 @@ def load(path: Path, model: nn.Module, opt: torch.optim.Optimizer, device, rank:
     md = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     want: dict[str, Any] = dict(template)
     rng_key = f"rank{rank}"
-    own_rng = {k: v.clone() for k, v in _rng_state(device).items()}
+    own_rng = {k: v.clone() for k, v in device.rng_state().items()}
     have_rng = all(f"rng.{rng_key}.{k}" in md for k in own_rng)
     if have_rng:
         want["rng"] = {rng_key: own_rng}
@@ -367,7 +352,6 @@ class Checkpointer:
         self.error: BaseException | None = None
         self.saved: list[int] = []
         self.stall_s = 0.0  # time training waited for saves
-        self.write_s = 0.0  # time the saves took, start to commit
         self.group = dist.new_group(backend="gloo") if self.async_save else None
         self._plain_ok: bool | None = None  # whether _plain_state gives tensor_state's keys
         self._writer: ThreadPoolExecutor | None = None
@@ -380,7 +364,7 @@ class Checkpointer:
         tmp = target.with_name(target.name + ".tmp")
         # Every rank's writer creates the folder; a leftover of a killed job was removed at start-up.
         state = self._state(model, opt)
-        state["rng"] = {f"rank{self.rank}": _rng_state(self.device)}
+        state["rng"] = {f"rank{self.rank}": self.device.rng_state()}
         meta = {"format": FORMAT, "step": step, **extra}
         started = time.time()
         if self.async_save:
@@ -445,7 +429,6 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, target: Path, meta: dict, started: float) -> None:
         """Rank 0: checksum the files, write the marker, rename the folder; then apply keep_last."""
-        self.write_s += time.time() - started
         if self.rank != 0:
             self.saved.append(meta["step"])
             return
