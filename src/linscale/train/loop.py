@@ -511,7 +511,6 @@ def _train(
             device,
             precision,
             topo,
-            epoch_samples,
             _target_summary(target, target_at, plan, tokens_per_sample),
         )
         summary["strategy"] = strategy + why
@@ -763,7 +762,7 @@ def _fault_summary(
     plan: BatchPlan,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"global_step": step}
-    if epoch_samples:
+    if epoch_samples:  # of the whole run, the steps before a resume included
         out["epoch"] = step * plan.global_batch / epoch_samples
     if resume is not None:
         out["resumed_from_step"] = start_step
@@ -842,7 +841,6 @@ def _summary(
     device: Device,
     precision: Precision,
     topo: Topology,
-    epoch_samples: int | None,
     target: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     samples = steps * plan.global_batch
@@ -864,8 +862,6 @@ def _summary(
     if tokens_per_sample:
         s["train_tokens"] = samples * tokens_per_sample
         s["train_tokens_per_second"] = s["train_tokens"] / runtime
-    if epoch_samples:
-        s["epoch"] = samples / epoch_samples
     if not math.isnan(eval_loss):
         s["eval_loss"] = eval_loss
         if tokens_per_sample:
