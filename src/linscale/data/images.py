@@ -167,6 +167,14 @@ class ImageFolderIndex:
     def path(self, i: int) -> str:
         return os.path.join(self.root, self.relpath(i))
 
+    def describe(self, i: int) -> str:
+        """Where sample i comes from, for messages: its file."""
+        return self.path(i)
+
+    def read(self, i: int) -> torch.Tensor:
+        """Sample i decoded: a (3, H, W) uint8 tensor (see `read_image`)."""
+        return read_image(self.path(i))
+
     def class_counts(self) -> np.ndarray:
         """Images per class, indexed by label id."""
         return np.bincount(self.labels, minlength=len(self.classes))
@@ -391,6 +399,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Unreadable files: see the module docstring. `bad_files` holds {path: error} of the files this
     process failed to decode; `all_bad_files()` adds what other processes wrote to `report_dir`.
     Pickling carries the index arrays, the transform and a few scalars, never an open file.
+
+    `index` is an `ImageFolderIndex` or any object with the same `root`, `classes`, `labels`,
+    `__len__`, `read(i)` (a (3, H, W) uint8 tensor) and `describe(i)` (where sample i comes from),
+    such as the packed shards of `linscale preprocess`.
     """
 
     #: Read with (epoch, index) keys: the training sampler should yield SampleKey pairs for it.
@@ -458,13 +470,13 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             if j in self._bad_ids:
                 continue
             try:
-                return j, read_image(self.index.path(j))
+                return j, self.index.read(j)
             except Exception as e:  # any decoder failure makes the file unreadable
                 self._record_bad(j, i, e)
         raise ImageFolderError(f"none of the {n} images under {self.index.root} can be read: {_show(self.bad_files)}")
 
     def _record_bad(self, j: int, wanted: int, e: Exception) -> None:
-        path, error = self.index.path(j), _describe(e)
+        path, error = self.index.describe(j), _describe(e)
         self._bad_ids.add(j)
         self.bad_files[path] = error
         if len(self.bad_files) <= MAX_BAD_FILE_WARNINGS:
