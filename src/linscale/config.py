@@ -47,7 +47,7 @@ class TrainConfig:
     grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 = off).")
     seed: int = opt(1337, "Seed for model initialisation and data order.")
     eval_every: int = opt(0, "Evaluate every N steps and at the end (0 = only at the end).")
-    eval_batches: int = opt(8, "Micro-batches per replica in one evaluation.")
+    eval_batches: int = opt(8, "Micro-batches per replica in one evaluation (0 = the whole evaluation set).")
     log_every: int = opt(10, "Reduce the loss across replicas and log every N steps.")
     loader_workers: int = opt(-1, "Data-loader worker processes per replica (-1 = auto).")
     max_nonfinite: int = opt(
@@ -60,7 +60,7 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("global_batch", "global_batch_tokens", "micro_batch", "max_steps", "max_tokens"):
+        for name in ("global_batch", "global_batch_tokens", "micro_batch", "max_steps", "max_tokens", "eval_batches"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch < 1 and self.global_batch_tokens < 1:

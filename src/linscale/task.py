@@ -8,11 +8,11 @@ A task is a small class. linscale calls, on every process:
                                           # or an IterableDataset that reads shard.rank/size
     loss = task.loss(model, batch)        # a scalar: the mean loss of the batch
 
-and, when defined, `eval_data(shard)`, `flops_per_sample()`, `tokens_per_sample` and
+and, when defined, `eval_data(shard)`, `eval_step(model, batch)`, `flops_per_sample()`, `tokens_per_sample` and
 `final_report(model)`. A task never touches ranks, devices or process groups beyond the
 `DataShard` it is given.
 
-Tasks are named as a built-in (`gpt`), a file (`path/to/my_task.py:MyTask`) or a module
+Tasks are named as a built-in (`gpt`, `image`), a file (`path/to/my_task.py:MyTask`) or a module
 (`pkg.mod:MyTask`).
 """
 
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # annotations only: the CLI resolves tasks before torch is im
     import torch
     from torch import nn
 
-BUILTIN_TASKS = {"gpt": "linscale.tasks.gpt:GPTTask"}
+BUILTIN_TASKS = {"gpt": "linscale.tasks.gpt:GPTTask", "image": "linscale.tasks.image:ImageTask"}
 
 
 class TaskError(ValueError):
@@ -43,6 +43,8 @@ class DataShard:
     rank: int
     size: int
     seed: int
+    #: The run directory, where a task may write reports (None outside a training run).
+    run_dir: str | None = None
 
 
 class Task:
@@ -82,6 +84,13 @@ class Task:
     def eval_data(self, shard: DataShard) -> torch.utils.data.Dataset | None:
         """Held-out data, evaluated with `loss`; None means no evaluation."""
         return None
+
+    def eval_step(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        """Metrics of one evaluation batch, each the mean over the batch; "loss" is required.
+
+        linscale averages each over the whole evaluation set (weighted by batch size, across
+        replicas) and reports it as eval_<name>. By default only the loss."""
+        return {"loss": self.loss(model, batch)}
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The model's repeated blocks, which sharding and activation checkpointing treat as units.

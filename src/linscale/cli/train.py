@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         help="train a task on all local devices",
-        description="Train TASK: a built-in (gpt), a file (path/to/task.py:MyTask) or a module "
+        description="Train TASK: a built-in (gpt, image), a file (path/to/task.py:MyTask) or a module "
         "(pkg.mod:MyTask). Settings come from --config FILE.toml and --section.field=value "
         "overrides; --help-config lists them.",
     )

@@ -134,35 +134,76 @@ def count_flops_per_sample(task: Task, model: nn.Module, data: Any, micro_batch:
 
 @dataclass
 class EvalSet:
-    data: Any
-    indices: list[list[int]]  # this rank's micro-batches
+    loader: DataLoader  # this rank's micro-batches, the same ones at every evaluation
+    counted: list[int]  # samples of each batch that count (0: a stand-in so every rank runs alike)
 
 
-def make_eval_set(data: Any, micro_batch: int, batches: int, topo: Topology) -> EvalSet | None:
-    """The same held-out samples every time, split evenly over the replicas."""
+def eval_batches(n: int, micro_batch: int, batches: int, world: int, rank: int) -> tuple[list[list[int]], list[int]]:
+    """This rank's evaluation micro-batches over samples [0, n), and how many samples of each count.
+
+    `batches` > 0: that many micro-batches per rank at most, the same count on every rank, from the
+    start of the data. 0: every sample, split over the ranks; ranks whose share is smaller get
+    smaller batches, and every rank runs the same number of batches (a sharded model gathers
+    its parameters at each one), with a one-sample stand-in that does not count where a share
+    runs out."""
+    if batches > 0:
+        per_rank = min(batches * micro_batch, n // world)
+        start = rank * per_rank
+        idx = [
+            list(range(s, min(s + micro_batch, start + per_rank))) for s in range(start, start + per_rank, micro_batch)
+        ]
+        return idx, [len(b) for b in idx]
+    base, extra = divmod(n, world)
+    share = base + (rank < extra)
+    start = rank * base + min(rank, extra)
+    count = math.ceil((base + (extra > 0)) / micro_batch)
+    sizes = [share // count + (i < share % count) for i in range(count)] if count else []
+    idx, counted, at = [], [], start
+    for size in sizes:
+        idx.append(list(range(at, at + size)) if size else [0])
+        counted.append(size)
+        at += size
+    return idx, counted
+
+
+def make_eval_set(data: Any, micro_batch: int, batches: int, topo: Topology, workers: int, device: Device):
+    """The same held-out samples every time, split over the replicas (see `eval_batches`)."""
     if data is None or isinstance(data, IterableDataset):
         return None
-    per_rank = min(batches * micro_batch, len(data) // topo.world_size)
-    if per_rank == 0:
+    idx, counted = eval_batches(len(data), micro_batch, batches, topo.world_size, topo.rank)
+    if not idx:
         return None
-    start = topo.rank * per_rank
-    idx = list(range(start, start + per_rank))
-    return EvalSet(data, [idx[i : i + micro_batch] for i in range(0, per_rank, micro_batch)])
+    loader = DataLoader(
+        data, batch_sampler=idx, num_workers=workers, pin_memory=device.pin_memory, persistent_workers=workers > 0
+    )
+    return EvalSet(loader, counted)
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: nn.Module, ev: EvalSet, precision: Precision, device: Device) -> float:
+def evaluate(task: Task, model: nn.Module, ev: EvalSet, precision: Precision, device: Device) -> dict[str, float]:
+    """The task's evaluation metrics (`eval_step`), averaged over every replica's samples."""
     model.eval()
-    total = torch.zeros(2, device=device.torch_device, dtype=torch.float64)
-    for idx in ev.indices:
-        batch = to_device(torch.utils.data.default_collate([ev.data[i] for i in idx]), device.torch_device, True)
+    step = getattr(task, "eval_step", None) or (lambda m, b: {"loss": task.loss(m, b)})
+    names: list[str] | None = None
+    total: torch.Tensor | None = None
+    for batch, counted in zip(ev.loader, ev.counted, strict=True):
+        batch = to_device(batch, device.torch_device, device.pin_memory)
         with precision.autocast():
-            loss = task.loss(model, batch)
-        total[0] += loss.detach().double() * len(idx)
-        total[1] += len(idx)
+            metrics = step(model, batch)
+        if not isinstance(metrics, dict) or "loss" not in metrics:
+            raise TaskError(f"task.eval_step must return a dict of scalar tensors with a 'loss'; got {metrics!r}")
+        if names is None:
+            names = sorted(metrics)
+            total = torch.zeros(len(names) + 1, device=device.torch_device, dtype=torch.float64)
+        assert total is not None
+        for i, name in enumerate(names):
+            total[i] += metrics[name].detach().double() * counted
+        total[-1] += counted
     model.train()
+    assert names is not None and total is not None
     ldist.all_reduce(total)
-    return (total[0] / total[1]).item()
+    values = (total[:-1] / total[-1]).tolist()
+    return dict(zip(names, values, strict=True))
 
 
 def _scalar(t: torch.Tensor | None) -> float:
@@ -292,15 +333,14 @@ def _train(
         plan = _resumed_plan(plan, resume, cfg, topo)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = task.build_model().to(device.torch_device)
-    shard = DataShard(topo.rank, topo.world_size, tc.seed)
+    shard = DataShard(topo.rank, topo.world_size, tc.seed, str(run_dir))
     train_data = task.train_data(shard)
     flops_per_sample = task.flops_per_sample() or count_flops_per_sample(
         task, model, train_data, plan.micro_batch, device
     )
-    loader, epoch_samples = make_train_loader(
-        train_data, plan, topo, tc.seed, device, _loader_workers(tc.loader_workers, device)
-    )
-    eval_set = make_eval_set(task.eval_data(shard), plan.micro_batch, tc.eval_batches, topo)
+    workers = _loader_workers(tc.loader_workers, device)
+    loader, epoch_samples = make_train_loader(train_data, plan, topo, tc.seed, device, workers)
+    eval_set = make_eval_set(task.eval_data(shard), plan.micro_batch, tc.eval_batches, topo, workers, device)
     if tc.target_loss and eval_set is None:
         raise ConfigError(
             f"train.target_loss={tc.target_loss} needs evaluation, but the task's eval_data is empty, iterable or "
@@ -369,6 +409,7 @@ def _train(
     totals = {"loss": 0.0, "steps": 0}
     sync_every = 1 if tc.max_time else tc.log_every
     eval_loss = float("nan")
+    eval_extra: dict[str, float] = {}  # the task's other evaluation metrics (eval_top1, ...)
     eval_time = ckpt_time = 0.0  # paused time: left out of the steady-state clock
     target = tc.target_loss
     target_at: tuple[int, float] | None = None  # (step, seconds since start) of the evaluation that reached it
@@ -459,8 +500,10 @@ def _train(
             if eval_set is not None and (last or eval_due):
                 t_eval = time.perf_counter()
                 beat("evaluation")
-                eval_loss = evaluate(task, model, eval_set, precision, device)  # all-reduced: one value everywhere
-                values = {"eval_loss": eval_loss}
+                metrics = evaluate(task, model, eval_set, precision, device)  # all-reduced: one value everywhere
+                eval_loss = metrics.pop("loss")
+                eval_extra = {f"eval_{k}": v for k, v in metrics.items()}
+                values = {"eval_loss": eval_loss, **eval_extra}
                 if tokens_per_sample:  # a token task's loss is a mean cross-entropy in nats
                     values["eval_perplexity"] = mx.perplexity(eval_loss)
                 report.log(step, values)
@@ -503,6 +546,7 @@ def _train(
             eval_time,
             totals,
             eval_loss,
+            eval_extra,
             times,
             steady,
             plan,
@@ -833,6 +877,7 @@ def _summary(
     eval_time: float,
     totals: dict,
     eval_loss: float,
+    eval_extra: dict[str, float],
     times: mx.StepTimes,
     steady: tuple[int, float] | None,
     plan: BatchPlan,
@@ -866,6 +911,7 @@ def _summary(
         s["eval_loss"] = eval_loss
         if tokens_per_sample:
             s["eval_perplexity"] = mx.perplexity(eval_loss)
+        s.update(eval_extra)
         s["eval_runtime"] = eval_time
     s.update(target or {})
     s["steady_steps_measured"] = steady[0] if steady else 0
