@@ -15,6 +15,7 @@ The model's repeated blocks come from the task (`Task.blocks`); nothing here nam
 """
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 
@@ -22,8 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from linscale.config import ParallelConfig
 from linscale.runtime import dist as ldist
@@ -217,7 +219,9 @@ def checkpoint_blocks(blocks: list[nn.Module], every: int) -> int:
     """Recompute the activations of every `every`-th block in backward instead of keeping them.
 
     The block's forward is wrapped in place, so parameter names and state dicts do not change.
-    Returns the number of blocks wrapped."""
+    A block's BatchNorm running statistics are updated by its forward only: the recomputation in
+    backward runs the forward again in training mode, and would otherwise apply each batch's
+    statistics twice. Returns the number of blocks wrapped."""
     if every <= 0:
         return 0
     wrapped = 0
@@ -225,13 +229,36 @@ def checkpoint_blocks(blocks: list[nn.Module], every: int) -> int:
         if i % every:
             continue
         inner = block.forward
+        norms = [m for m in block.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+        context_fn = functools.partial(_recompute_contexts, norms) if norms else noop_context_fn
 
-        def forward(*args, _inner=inner, **kwargs):
-            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+        def forward(*args, _inner=inner, _context_fn=context_fn, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, context_fn=_context_fn, **kwargs)
 
         block.forward = forward
         wrapped += 1
     return wrapped
+
+
+def _recompute_contexts(norms: list[nn.Module]):
+    """(forward context, recomputation context): the latter restores the norms' running statistics."""
+    return contextlib.nullcontext(), _running_stats_kept(norms)
+
+
+def _running_stats(norm: nn.Module) -> list[torch.Tensor]:
+    return [b for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked) if b is not None]
+
+
+@contextlib.contextmanager
+def _running_stats_kept(norms: list[nn.Module]):
+    saved = [[b.clone() for b in _running_stats(m)] for m in norms]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, values in zip(norms, saved, strict=True):
+                for b, v in zip(_running_stats(m), values, strict=True):
+                    b.copy_(v)
 
 
 def _mesh(strategy: str, topo: Topology, device: Device):
