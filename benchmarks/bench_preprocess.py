@@ -9,6 +9,8 @@
    the busy time of all workers divided by their number; balance = ideal / makespan.
 3. Training on the shards: `linscale train gpt --task.data=...` with 2 processes; steady tokens/s
    and the share of the step spent waiting for data.
+4. Packing an image folder (`--image-files` small JPEGs in 10 classes, 0 to skip) into image shards
+   with 1 and 2 workers, every image decode-checked: images/s over the units phase.
 
 Runs alternate and each figure is the median over repeats.
 
@@ -73,11 +75,27 @@ def skewed_corpus(root: Path, big: int, big_mb: float, small: int, small_kb: flo
         (root / f"small{i:03d}.txt").write_text(text(int(small_kb * 1e3)))
 
 
+def image_folder(root: Path, files: int, classes: int = 10, seed: int = 0) -> None:
+    """`files` JPEGs of 64x64 to 160x160 pixels of smooth noise (about 2-8 KB each) in `classes` folders."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i in range(files):
+        h, w = (int(v) for v in rng.integers(64, 161, size=2))
+        small = rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+        im = Image.fromarray(small).resize((w, h), Image.BILINEAR)
+        folder = root / f"class{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        im.save(folder / f"img{i:06d}.jpg", quality=90)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab-size", type=int, default=4096)
     ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--image-files", type=int, default=4000, help="images in the packing case (0: skip it)")
     args = ap.parse_args()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -131,6 +149,23 @@ def main() -> None:
                     flush=True,
                 )
 
+        images: dict[int, list[float]] = {1: [], 2: []}
+        image_mb = 0.0
+        if args.image_files:
+            image_folder(tmp / "images", args.image_files)
+            for r in range(args.repeats):
+                for workers in (1, 2) if r % 2 == 0 else (2, 1):
+                    s = preprocess(
+                        tmp / "images", tmp / f"img-{r}-{workers}", "--unit-mb=2", f"--nproc-per-node={workers}"
+                    )
+                    images[workers].append(s["images"] / s["units_seconds"])
+                    image_mb = s["input_mb"]
+                    print(
+                        f"repeat {r + 1}/{args.repeats} images, {workers} worker(s): {images[workers][-1]:.0f} "
+                        f"images/s, balance {s['balance']:.3f}",
+                        flush=True,
+                    )
+
         data = tmp / "std-0-1"
         train_dir = tmp / "train"
         linscale(
@@ -166,6 +201,12 @@ def main() -> None:
         print(
             f"  skewed, {schedule:7s} = makespan {make:.2f} s, ideal {ideal:.2f} s, balance "
             f"{statistics.median(balances):.3f} (per run: {per_run})"
+        )
+    if args.image_files:
+        i1, i2 = statistics.median(images[1]), statistics.median(images[2])
+        print(
+            f"  image packing    = {args.image_files} JPEGs, {image_mb:.1f} MB, decode-checked: 1 worker {i1:.0f} "
+            f"images/s, 2 workers {i2:.0f} images/s, speed-up {i2 / i1:.2f}"
         )
     print(
         f"  training         = {train['steady_tokens_per_second']:,.0f} tokens/s (2 processes, gpt defaults), "

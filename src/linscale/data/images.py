@@ -16,7 +16,8 @@ hold copies of the dataset that do not see a later ``set_epoch`` of the parent.
 
 Unreadable files (corrupt, truncated, missing since the scan): the item is served by the next
 readable index (wrapping around), deterministically, with the label of the image actually
-returned; each process records the bad path once in ``data.bad_files`` and warns. Workers' records
+returned; each process records the bad path in ``data.bad_files``, and the first process to meet it
+warns (with ``report_dir``, once among all processes that share it). Workers' records
 do not reach the parent process, so with ``report_dir`` every process also appends a JSON line per
 bad file to a file of its own in that directory, and ``data.all_bad_files()`` (or
 ``read_bad_file_reports``) merges them. ``find_bad_images`` decodes a whole index up front, in
@@ -30,6 +31,7 @@ import math
 import os
 import socket
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -479,7 +481,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         path, error = self.index.describe(j), _describe(e)
         self._bad_ids.add(j)
         self.bad_files[path] = error
-        if len(self.bad_files) <= MAX_BAD_FILE_WARNINGS:
+        if len(self.bad_files) <= MAX_BAD_FILE_WARNINGS and self._first_to_name(path):
             more = (
                 "; further unreadable images are only recorded" if len(self.bad_files) == MAX_BAD_FILE_WARNINGS else ""
             )
@@ -496,6 +498,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 os.write(fd, line.encode())  # one short O_APPEND write: lines never interleave
             finally:
                 os.close(fd)
+
+    def _first_to_name(self, path: str) -> bool:
+        """Whether this process is the first to meet `path`, of all that share `report_dir` (any
+        worker or rank may meet a bad file, and every epoch does again): the file is named once."""
+        if self.report_dir is None:
+            return True
+        flag = os.path.join(self.report_dir, f"named.{zlib.crc32(os.fsencode(path)):08x}")
+        try:
+            os.close(os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return False
+        return True
 
     def all_bad_files(self) -> dict[str, str]:
         """{path: error} of every unreadable image met so far, by this process and, through

@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -585,6 +585,13 @@ def _resolve_tokenizer(opts: Options, plan: Plan, state: str) -> Any:
 
 def run(opts: Options) -> None:
     """One worker's part of `linscale preprocess` (also the whole job in a single process)."""
+    run_job(lambda topo, t0: _run(opts, topo, t0), opts.timeout)
+
+
+def run_job(body: Callable[[Any, float], None], timeout: float) -> None:
+    """Join the job's process group (CPU, gloo), run `body(topology, start time)`, leave the group.
+
+    Shared by the text and the image preprocessing (linscale.data.image_shards)."""
     from linscale.runtime import device as devmod
     from linscale.runtime import topology
 
@@ -595,9 +602,9 @@ def run(opts: Options) -> None:
     device = devmod.resolve("cpu", topo.local_rank, 0, topo.local_world_size)
     from linscale.runtime import dist as ldist
 
-    ldist.init(topo, device, opts.timeout)
+    ldist.init(topo, device, timeout)
     try:
-        _run(opts, topo, t0)
+        body(topo, t0)
     finally:
         ldist.shutdown()
 

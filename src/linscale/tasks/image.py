@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linscale.config import opt
+from linscale.data import digits
 from linscale.data import images as img
 from linscale.models import resnet, vit
 from linscale.task import DataShard, Task
@@ -98,10 +99,8 @@ def _family(c: ImageTaskConfig) -> tuple[str, str]:
 
 
 def _is_packed(root: Path) -> bool:
-    try:  # TEMP until image_shards lands
-        from linscale.data import image_shards
-    except ImportError:
-        return False
+    from linscale.data import image_shards
+
     return image_shards.is_packed_images(root)
 
 
@@ -129,7 +128,8 @@ class ImageTask(Task):
             )
         self.family, self.size = _family(c)
         self._reports: str | None = None  # where every process records unreadable images
-        self.digits = not c.data
+        # The built-in digits, here or written by `linscale data digits`: their defaults apply.
+        self.digits = not c.data or digits.is_complete(c.data)
         # Found (and, for the digits, written) now: the launcher builds the task before it starts
         # workers, so a bad folder is one message, and the digits are written once.
         self.train_index = self._open(c.train_split)
@@ -145,10 +145,8 @@ class ImageTask(Task):
 
     @property
     def data_dir(self) -> Path:
-        if self.digits:
-            from linscale.data.digits import write_digits
-
-            return write_digits(DIGITS_DIR)
+        if not self.config.data:
+            return digits.write_digits(DIGITS_DIR)
         return Path(self.config.data)
 
     def _open(self, split: str) -> Any:
