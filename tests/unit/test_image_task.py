@@ -197,3 +197,25 @@ def test_activation_checkpointing_updates_batchnorm_statistics_once():
         assert torch.equal(a, b), name
     for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters(), strict=True):
         assert torch.allclose(a.grad, b.grad, atol=1e-5), name
+
+
+# --- linscale data ---
+
+
+def test_data_digits_and_check_commands(tmp_path, capsys):
+    from linscale.cli import main
+
+    out = tmp_path / "digits"
+    assert main(["data", "digits", "--out", str(out)]) == 0
+    assert "train 1433, test 364" in capsys.readouterr().out
+    assert main(["data", "check", str(out)]) == 0
+    assert "unreadable = 0" in capsys.readouterr().out
+    victim = sorted((out / "train" / "4").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:25])
+    listing = tmp_path / "bad.txt"
+    assert main(["data", "check", str(out), "--list", str(listing)]) == 1
+    text = capsys.readouterr().out
+    assert f"unreadable: {victim}" in text and "unreadable = 1" in text
+    assert listing.read_text().splitlines() == [str(victim)]
+    assert main(["data", "check", str(tmp_path / "nowhere")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
