@@ -205,3 +205,11 @@ def test_final_report_decodes_with_the_data_tokenizer(tmp_path, monkeypatch):
     assert report.startswith("generated sample:\n")
     assert len(seen) == 1 and len(seen[0]) == 6 and all(0 <= i < 257 for i in seen[0])
     assert report == "generated sample:\n" + decode(seen[0])
+
+
+def test_packed_images_given_to_the_gpt_task_are_named_as_such(tmp_path):
+    import json
+
+    (tmp_path / "index.json").write_text(json.dumps({"format": "linscale-image-shards", "kind": "images"}))
+    with pytest.raises(ShardError, match="holds packed images, not token shards.*linscale train image"):
+        GPTTask(GPTTaskConfig(data=str(tmp_path)))

@@ -111,6 +111,11 @@ def write_index(out_dir: Path, index: dict) -> None:
 
 def _check_index(index: Any, where: Path) -> None:
     bad = f"{where} is not a linscale-shards index (version {VERSION})"
+    if isinstance(index, dict) and index.get("kind") == "images":
+        raise ShardError(
+            f"{where.parent} holds packed images, not token shards: train on it with the image task "
+            f"(`linscale train image --task.data={where.parent}`), or preprocess a text corpus for a token task"
+        )
     if not isinstance(index, dict) or index.get("format") != FORMAT:
         raise ShardError(f"{bad}: format is not {FORMAT!r}; {RERUN}")
     if index.get("version") != VERSION:
