@@ -73,8 +73,9 @@ def test_every_strategy_on_two_processes_equals_one_process(linscale, digits_dir
 
 
 def test_resnet_with_activation_checkpointing_trains_on_two_processes(linscale, digits_dir):
-    run = linscale("train", "image", f"--task.data={digits_dir}", *SMALL, "--nproc-per-node=2", "--task.size=resnet:tiny",
-                   "--parallel.activation_checkpointing=full", "--train.eval_batches=2")  # fmt: skip
+    run = linscale("train", "image", f"--task.data={digits_dir}", *SMALL, "--nproc-per-node=2",
+                   "--task.size=resnet:tiny", "--parallel.activation_checkpointing=full",
+                   "--train.eval_batches=2")  # fmt: skip
     assert run.returncode == 0, run.output
     s = run.summary()
     assert s["train_steps"] == 12 and 0 <= s["eval_top1"] <= 1 and "eval_top5" in s
@@ -113,3 +114,21 @@ def test_packed_shards_train_exactly_like_the_folder_tree(linscale, digits_dir, 
     assert run.losses() == losses
     final = torch.load(run.run_dir / "model.pt")
     assert all(torch.equal(final[k], params[k]) for k in params)
+
+
+def test_killed_image_run_with_mixup_resumes_bit_identical(linscale_bg, digits_dir, tmp_path):
+    # Mixup and CutMix draw from each process's generator, which the checkpoint restores; the
+    # augmentation of each sample depends on (seed, epoch, index), which the resumed sampler keeps.
+    args = ["train", "image", f"--task.data={digits_dir}", *SMALL, "--nproc-per-node=2", "--task.mixup=0.4",
+            "--task.cutmix=1.0", "--train.loader_workers=1", "--checkpoint.interval=3"]  # fmt: skip
+    ref_bg = linscale_bg(*args, run_dir=tmp_path / "ref")
+    killed_bg = linscale_bg(*args, run_dir=tmp_path / "run", env={"LINSCALE_TEST_KILL_AT_STEP": "1:7"})
+    ref, killed = ref_bg.finish(), killed_bg.finish()
+    assert ref.returncode == 0, ref.output
+    assert killed.returncode != 0, killed.output
+    resumed = linscale_bg(*args, run_dir=killed.run_dir).finish()
+    assert resumed.returncode == 0, resumed.output
+    assert resumed.summary()["resumed_from_step"] == 6
+    assert resumed.losses() == ref.losses()
+    final, expected = torch.load(resumed.run_dir / "model.pt"), torch.load(ref.run_dir / "model.pt")
+    assert all(torch.equal(final[k], expected[k]) for k in expected)

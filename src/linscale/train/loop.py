@@ -89,11 +89,23 @@ def _loader_workers(setting: int, device: Device) -> int:
     return 0 if device.type == "cpu" else 4
 
 
+def _loader_generator(seed: int) -> torch.Generator:
+    """The loader's own generator. A DataLoader draws its workers' base seed when an iterator
+    starts; from the global generator that draw would shift every later random number (dropout,
+    mixup) by a different amount in a resumed run, whose loader starts after the restore."""
+    return torch.Generator().manual_seed(seed)
+
+
 def make_train_loader(
     data: Any, plan: BatchPlan, topo: Topology, seed: int, device: Device, workers: int
 ) -> tuple[DataLoader, int | None]:
     """A loader that yields this rank's micro-batches forever, and the epoch size in samples."""
-    common = dict(num_workers=workers, pin_memory=device.pin_memory, persistent_workers=workers > 0)
+    common = dict(
+        num_workers=workers,
+        pin_memory=device.pin_memory,
+        persistent_workers=workers > 0,
+        generator=_loader_generator(seed),
+    )
     if isinstance(data, IterableDataset):
         # The task shards an iterable itself (it was given the DataShard).
         return DataLoader(data, batch_size=plan.micro_batch, drop_last=True, **common), None
@@ -174,7 +186,12 @@ def make_eval_set(data: Any, micro_batch: int, batches: int, topo: Topology, wor
     if not idx:
         return None
     loader = DataLoader(
-        data, batch_sampler=idx, num_workers=workers, pin_memory=device.pin_memory, persistent_workers=workers > 0
+        data,
+        batch_sampler=idx,
+        num_workers=workers,
+        pin_memory=device.pin_memory,
+        persistent_workers=workers > 0,
+        generator=_loader_generator(0),
     )
     return EvalSet(loader, counted)
 
