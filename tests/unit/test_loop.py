@@ -120,3 +120,24 @@ def test_perplexity_and_missing_values_in_the_summary():
     assert perplexity(1e6) == math.inf
     text = format_summary({"steps_to_target": None, "time_to_target": 83.456, "target_reached": False})
     assert "steps_to_target = n/a" in text and "time_to_target  = 0:01:23.46" in text
+
+
+def test_auto_loader_workers_follow_the_device_and_the_data():
+    from linscale.train.loop import _loader_workers
+
+    cpu, gpu = Device("cpu", 0, "gloo", "cpu", 2), Device("cuda", 0, "nccl", "gpu", 16)
+    small_gpu_host = Device("cuda", 0, "nccl", "gpu", 2)
+
+    class Decoding(torch.utils.data.Dataset):
+        decodes = True
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(4))
+
+    plain = torch.utils.data.TensorDataset(torch.zeros(4))
+    assert _loader_workers(-1, cpu, plain) == 0
+    assert _loader_workers(-1, cpu, Decoding()) == 1
+    assert _loader_workers(-1, gpu, plain) == 4 and _loader_workers(-1, small_gpu_host, plain) == 1
+    assert _loader_workers(-1, gpu, Stream()) == 1  # more would read the stream once per worker
+    assert _loader_workers(3, cpu, plain) == 3  # a setting is kept

@@ -409,6 +409,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     #: Read with (epoch, index) keys: the training sampler should yield SampleKey pairs for it.
     epoch_keys = True
+    #: Items are decoded and augmented per read: worth a loader worker even on CPU (see the loop).
+    decodes = True
 
     def __init__(
         self,

@@ -82,11 +82,25 @@ def batch_size_of(batch: Any) -> int:
     raise TaskError(f"cannot tell the batch size of a {type(batch).__name__}; return tensors from the dataset")
 
 
-def _loader_workers(setting: int, device: Device) -> int:
+def _loader_workers(setting: int, device: Device, data: Any = None) -> int:
+    """Loader worker processes per replica: the setting, or for -1 (auto):
+
+    * GPU: up to 4, one core of the process's share kept for the step (an 8-GPU node with 16
+      cores does not start 32 workers);
+    * CPU: 1 for a dataset that declares `decodes` (its items are decoded or augmented per read,
+      such as image folders: without a worker the step waits for them, 20-25% of the step in
+      BENCHMARKS.md, with one the wait is the hand-off, about 2 ms a batch), else 0, since the
+      workers would take cores from the compute.
+
+    An IterableDataset that shards by `shard.rank` only would be read in full by each worker, so
+    auto gives it at most one."""
     if setting >= 0:
         return setting
-    # On CPU the loader's workers would take cores from the compute; on GPU hosts they are free.
-    return 0 if device.type == "cpu" else 4
+    if device.type == "cpu":
+        workers = 1 if getattr(data, "decodes", False) else 0
+    else:
+        workers = min(4, max(1, device.threads - 1))
+    return min(workers, 1) if isinstance(data, IterableDataset) else workers
 
 
 def _loader_generator(seed: int) -> torch.Generator:
@@ -355,7 +369,7 @@ def _train(
     flops_per_sample = task.flops_per_sample() or count_flops_per_sample(
         task, model, train_data, plan.micro_batch, device
     )
-    workers = _loader_workers(tc.loader_workers, device)
+    workers = _loader_workers(tc.loader_workers, device, train_data)
     loader, epoch_samples = make_train_loader(train_data, plan, topo, tc.seed, device, workers)
     eval_set = make_eval_set(task.eval_data(shard), plan.micro_batch, tc.eval_batches, topo, workers, device)
     if tc.target_loss and eval_set is None:
