@@ -30,6 +30,24 @@ def _procs_with_tag(tag: str) -> list[int]:
     return pids_with_env("LINSCALE_TEST_TAG", tag)
 
 
+def files_of(out: Path) -> dict[str, bytes]:
+    """Every file of a `linscale preprocess` output except index.json, the summary and worker logs."""
+    from linscale.data.preprocess import SUMMARY_FILE
+
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in ("index.json", SUMMARY_FILE) and ".workers" not in p.parts
+    }
+
+
+def index_without_timing(out: Path) -> dict:
+    """A preprocess output's index.json without its run time."""
+    index = json.loads((out / "index.json").read_text())
+    del index["stats"]["seconds"]
+    return index
+
+
 class Run:
     def __init__(self, proc: subprocess.CompletedProcess, run_dir: Path) -> None:
         self.returncode = proc.returncode

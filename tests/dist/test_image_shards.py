@@ -16,6 +16,8 @@ from PIL import Image
 from linscale.data.image_shards import BAD_FILE, is_packed_images, open_packed_images, verify_packed
 from linscale.data.images import ImageFolderDataset, read_image, scan_image_folder, train_transform
 from linscale.data.preprocess import EXIT_AFTER_ENV, SUMMARY_FILE
+
+from .conftest import files_of, index_without_timing
 from linscale.data.shards import ShardError
 
 pytestmark = pytest.mark.dist
@@ -57,21 +59,6 @@ def make_tree(root: Path) -> Path:
     _image(rng, "RGB").save(buf, format="JPEG")
     (src / "train" / "bee" / "broken.jpg").write_bytes(buf.getvalue()[:200])
     return src
-
-
-def files_of(out: Path) -> dict[str, bytes]:
-    """Every file of an output except index.json, the summary and worker logs."""
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in ("index.json", SUMMARY_FILE) and ".workers" not in p.parts
-    }
-
-
-def index_without_timing(out: Path) -> dict:
-    index = json.loads((out / "index.json").read_text())
-    del index["stats"]["seconds"]
-    return index
 
 
 def test_one_and_two_workers_pack_identical_shards_that_read_as_the_folder(linscale, tmp_path):

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from linscale.data.preprocess import EXIT_AFTER_ENV, SUMMARY_FILE
+
+from .conftest import files_of, index_without_timing
 from linscale.data.tokenizer import EOS, Tokenizer, train_bpe
 
 pytestmark = pytest.mark.dist
@@ -39,21 +41,6 @@ def make_corpus(root: Path) -> Path:
     (corpus / "blob.bin").write_bytes(bytes(range(256)) * 4)
     (corpus / "latin1.txt").write_bytes("déjà vu".encode("latin-1"))
     return corpus
-
-
-def files_of(out: Path) -> dict[str, bytes]:
-    """Every file of an output (shards, markers, tokenizer, plan) except index.json and worker logs."""
-    return {
-        p.relative_to(out).as_posix(): p.read_bytes()
-        for p in sorted(out.rglob("*"))
-        if p.is_file() and p.name not in ("index.json", SUMMARY_FILE) and ".workers" not in p.parts
-    }
-
-
-def index_without_timing(out: Path) -> dict:
-    index = json.loads((out / "index.json").read_text())
-    del index["stats"]["seconds"]
-    return index
 
 
 def split_stream(out: Path, split: str) -> np.ndarray:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import itertools
 import json
 import mmap
 import os
@@ -59,13 +58,12 @@ from linscale.data.images import (
     scan_image_folder,
 )
 from linscale.data.preprocess import (
-    EXIT_AFTER_ENV,
     PLAN_FILE,
     SUMMARY_FILE,
     UNITS_DIR,
     PreprocessError,
-    Tickets,
     _write_json,
+    work_through_units,
 )
 from linscale.data.shards import INDEX, RERUN, ShardError, atomic_write, file_crc32, fsync_dir
 
@@ -933,49 +931,23 @@ def _run(opts: ImageOptions, topo: Any, t0: float, plan: ImagePlan | None) -> No
 
             bar = tqdm(total=plan.total_bytes, desc="preprocess", unit="B", unit_scale=True, dynamic_ncols=True)
 
-    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
-    done = {"bytes": 0, "images": 0, "units": 0, "resumed": 0, "busy": 0.0}
-    if opts.schedule == "static":
-        order = plan.units[topo.rank :: topo.world_size]
-        tickets = Tickets(local=True)
-        taken = list(itertools.accumulate(u.nbytes * topo.world_size for u in order))  # rank 0's share, scaled
-    else:
-        tickets = Tickets()
-        taken = list(itertools.accumulate(u.nbytes for u in order))
-    ldist.barrier()
-    work_start = time.perf_counter()
-    while (t := tickets.take()) < len(order):
-        if bar is not None:
-            bar.update(min(plan.total_bytes, taken[t]) - bar.n)  # bytes taken by all workers so far
-        unit = order[t]
-        if done_marker(out, unit) is not None:
-            done["resumed"] += 1
-            continue
-        u0 = time.perf_counter()
-        marker = process_unit(plan, unit, out)
-        done["busy"] += time.perf_counter() - u0
-        done["bytes"] += marker["stats"]["bytes"]
-        done["images"] += marker["stats"]["images"]
-        done["units"] += 1
-        if exit_after and done["units"] >= exit_after:
-            from linscale.runtime.dist import hard_exit
+    def process(unit: Any) -> dict[str, int]:
+        stats = process_unit(plan, unit, out)["stats"]
+        return {"bytes": stats["bytes"], "images": stats["images"]}
 
-            print(
-                f"linscale: test hook {EXIT_AFTER_ENV}: rank {topo.rank} exits after {done['units']} unit(s)",
-                flush=True,
-            )
-            hard_exit(1)
-
-    ldist.barrier()  # every ticket is taken and every unit written
-    work_seconds = time.perf_counter() - work_start
-    counts = ldist.all_reduce(
-        torch.tensor([done[k] for k in ("bytes", "images", "units", "resumed", "busy")], dtype=torch.float64)
+    work = work_through_units(
+        plan.units,
+        order,
+        topo,
+        opts.schedule,
+        bar,
+        plan.total_bytes,
+        lambda unit: done_marker(out, unit) is not None,
+        process,
+        ("bytes", "images"),
     )
     if not main:
         return
-    if bar is not None:
-        bar.update(plan.total_bytes - bar.n)
-        bar.close()
     markers = []
     for unit in plan.units:
         marker = done_marker(out, unit)
@@ -994,28 +966,20 @@ def _run(opts: ImageOptions, topo: Any, t0: float, plan: ImagePlan | None) -> No
     }
     index, bad = build_index(plan, markers, out, source, seconds)
     atomic_write(out / INDEX, (json.dumps(index, indent=1) + "\n").encode())  # last
-    run_bytes, run_images, run_units, resumed = (int(v) for v in counts.tolist()[:4])
-    busy = counts[4].item()
-    balance = busy / topo.world_size / work_seconds if work_seconds > 0 and busy > 0 else float("nan")
     s = index["stats"]
     summary = {
         "preprocess_runtime": seconds,
         "images": s["images"],
         "input_mb": s["input_bytes"] / 1e6,
         "packed_mb": s["bytes"] / 1e6,
-        "images_per_second": run_images / seconds,
-        "mb_per_second": run_bytes / 1e6 / seconds,
+        "images_per_second": work.counts["images"] / seconds,
+        "mb_per_second": work.counts["bytes"] / 1e6 / seconds,
         "shards": s["shards"],
         "splits": ", ".join(f"{name} {e['samples']}" for name, e in index["splits"].items()),
         "classes": len(plan.classes),
         "bad_images": _describe_bad(bad, out),
         "verified": "every image decoded" if plan.verify else "no (--no-verify)",
-        "units": f"{len(plan.units)} ({run_units} done now, {resumed} resumed)",
-        "workers": topo.world_size,
-        "schedule": opts.schedule + (" (largest first, shared counter)" if opts.schedule == "dynamic" else ""),
-        "units_seconds": work_seconds,
-        "busy_seconds_all_workers": busy,
-        "balance": balance,
+        **work.summary(len(plan.units), opts.schedule),
         "output": str(out),
     }
     from linscale.train.metrics import format_summary

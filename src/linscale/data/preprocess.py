@@ -583,6 +583,93 @@ def _resolve_tokenizer(opts: Options, plan: Plan, state: str) -> Any:
     return tok
 
 
+@dataclass
+class WorkDone:
+    """What the job's workers did, summed over all of them (the same on every rank)."""
+
+    counts: dict[str, int]  # the keys `process` returns, summed
+    units: int  # units written in this run
+    resumed: int  # units found done
+    busy: float  # seconds spent writing units, all workers together
+    seconds: float  # the makespan of the units
+    workers: int
+
+    def summary(self, planned: int, schedule: str) -> dict[str, Any]:
+        """The summary block's entries about the work and its balance."""
+        # Balance: the ideal makespan (all busy time spread evenly over the workers) / the measured one.
+        balance = self.busy / self.workers / self.seconds if self.seconds > 0 and self.busy > 0 else float("nan")
+        return {
+            "units": f"{planned} ({self.units} done now, {self.resumed} resumed)",
+            "workers": self.workers,
+            "schedule": schedule + (" (largest first, shared counter)" if schedule == "dynamic" else ""),
+            "units_seconds": self.seconds,
+            "busy_seconds_all_workers": self.busy,
+            "balance": balance,
+        }
+
+
+def work_through_units(
+    units: list[Any],
+    order: list[Any],
+    topo: Any,
+    schedule: str,
+    bar: Any,
+    total_bytes: int,
+    is_done: Callable[[Any], bool],
+    process: Callable[[Any], dict[str, int]],
+    keys: tuple[str, ...],
+) -> WorkDone:
+    """Every worker's loop over the units: take the next ticket (`order`, largest first, from the
+    shared counter; or, with schedule "static", units r, r + W, ... of `units`), skip units already
+    done, `process` the others (it returns counts under `keys`), then wait for all and sum.
+    `bar` (rank 0's progress bar over bytes, or None) follows the bytes taken by all workers."""
+    from linscale.runtime import dist as ldist
+
+    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
+    done = dict.fromkeys(keys, 0)
+    units_done = resumed = 0
+    busy = 0.0
+    if schedule == "static":
+        order = units[topo.rank :: topo.world_size]
+        tickets = Tickets(local=True)
+        taken = list(itertools.accumulate(u.nbytes * topo.world_size for u in order))  # rank 0's share, scaled
+    else:
+        tickets = Tickets()
+        taken = list(itertools.accumulate(u.nbytes for u in order))
+    ldist.barrier()
+    work_start = time.perf_counter()
+    while (t := tickets.take()) < len(order):
+        if bar is not None:
+            bar.update(min(total_bytes, taken[t]) - bar.n)  # bytes taken by all workers so far
+        unit = order[t]
+        if is_done(unit):
+            resumed += 1
+            continue
+        u0 = time.perf_counter()
+        for key, value in process(unit).items():
+            done[key] += value
+        busy += time.perf_counter() - u0
+        units_done += 1
+        if exit_after and units_done >= exit_after:
+            from linscale.runtime.dist import hard_exit
+
+            print(
+                f"linscale: test hook {EXIT_AFTER_ENV}: rank {topo.rank} exits after {units_done} unit(s)", flush=True
+            )
+            hard_exit(1)
+    ldist.barrier()  # every ticket is taken and every unit written
+    seconds = time.perf_counter() - work_start
+    import torch
+
+    totals = ldist.all_reduce(torch.tensor([*done.values(), units_done, resumed, busy], dtype=torch.float64)).tolist()
+    if bar is not None:
+        bar.update(total_bytes - bar.n)
+        bar.close()
+    counts = {k: int(v) for k, v in zip(keys, totals, strict=False)}
+    n = len(keys)
+    return WorkDone(counts, int(totals[n]), int(totals[n + 1]), totals[n + 2], seconds, topo.world_size)
+
+
 def run(opts: Options) -> None:
     """One worker's part of `linscale preprocess` (also the whole job in a single process)."""
     run_job(lambda topo, t0: _run(opts, topo, t0), opts.timeout)
@@ -610,7 +697,6 @@ def run_job(body: Callable[[Any, float], None], timeout: float) -> None:
 
 
 def _run(opts: Options, topo: Any, t0: float) -> None:
-    import torch
 
     from linscale.data.shards import INDEX, token_dtype, write_index
     from linscale.data.tokenizer import Tokenizer
@@ -679,49 +765,22 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
 
             bar = tqdm(total=plan.total_bytes, desc="preprocess", unit="B", unit_scale=True, dynamic_ncols=True)
 
-    exit_after = int(os.environ.get(EXIT_AFTER_ENV, "0") or 0)
-    done = {"bytes": 0, "tokens": 0, "units": 0, "resumed": 0, "busy": 0.0}
-    if opts.schedule == "static":
-        order = plan.units[topo.rank :: topo.world_size]
-        tickets = Tickets(local=True)
-        taken = list(itertools.accumulate(u.nbytes * topo.world_size for u in order))  # rank 0's share, scaled
-    else:
-        tickets = Tickets()
-        taken = list(itertools.accumulate(u.nbytes for u in order))
-    ldist.barrier()
-    work_start = time.perf_counter()
-    while (t := tickets.take()) < len(order):
-        if bar is not None:
-            bar.update(min(plan.total_bytes, taken[t]) - bar.n)  # bytes taken by all workers so far
-        unit = order[t]
-        if done_marker(out, unit, dtype.itemsize) is not None:
-            done["resumed"] += 1
-            continue
-        u0 = time.perf_counter()
-        marker = process_unit(plan, unit, out, tokenizer, dtype)
-        done["busy"] += time.perf_counter() - u0
-        done["bytes"] += unit.nbytes
-        done["tokens"] += marker["stats"]["tokens"]
-        done["units"] += 1
-        if exit_after and done["units"] >= exit_after:
-            from linscale.runtime.dist import hard_exit
+    def process(unit: Unit) -> dict[str, int]:
+        return {"bytes": unit.nbytes, "tokens": process_unit(plan, unit, out, tokenizer, dtype)["stats"]["tokens"]}
 
-            print(
-                f"linscale: test hook {EXIT_AFTER_ENV}: rank {topo.rank} exits after {done['units']} unit(s)",
-                flush=True,
-            )
-            hard_exit(1)
-
-    ldist.barrier()  # every ticket is taken and every unit written
-    work_seconds = time.perf_counter() - work_start  # the makespan of the units
-    counts = ldist.all_reduce(
-        torch.tensor([done[k] for k in ("bytes", "tokens", "units", "resumed", "busy")], dtype=torch.float64)
+    work = work_through_units(
+        plan.units,
+        order,
+        topo,
+        opts.schedule,
+        bar,
+        plan.total_bytes,
+        lambda unit: done_marker(out, unit, dtype.itemsize) is not None,
+        process,
+        ("bytes", "tokens"),
     )
     if not main:
         return
-    if bar is not None:
-        bar.update(plan.total_bytes - bar.n)
-        bar.close()
     markers = []
     for unit in plan.units:
         marker = done_marker(out, unit, dtype.itemsize)
@@ -735,29 +794,20 @@ def _run(opts: Options, topo: Any, t0: float) -> None:
     source = {"corpus": str(plan.corpus.resolve()), "tokenizer": spec, "fingerprint": fingerprint}
     index = build_index(plan, markers, tokenizer, dtype, source, seconds)
     write_index(out, index)
-    run_bytes, run_tokens, run_units, resumed = (int(v) for v in counts.tolist()[:4])
-    busy = counts[4].item()
-    # Balance: the ideal makespan (all busy time spread evenly over the workers) / the measured one.
-    balance = busy / topo.world_size / work_seconds if work_seconds > 0 and busy > 0 else float("nan")
     s = index["stats"]
     summary = {
         "preprocess_runtime": seconds,
         "input_mb": s["bytes"] / 1e6,
-        "mb_per_second": run_bytes / 1e6 / seconds,
+        "mb_per_second": work.counts["bytes"] / 1e6 / seconds,
         "documents": s["documents"],
         "tokens": s["tokens"],
-        "tokens_per_second": run_tokens / seconds,
+        "tokens_per_second": work.counts["tokens"] / seconds,
         "train_tokens": s["train_tokens"],
         "val_tokens": s["val_tokens"],
         "shards": s["shards"],
-        "units": f"{len(plan.units)} ({run_units} done now, {resumed} resumed)",
         "skipped_files": s["skipped_files"],
         "skipped_records": s["skipped_records"],
-        "workers": topo.world_size,
-        "schedule": opts.schedule + (" (largest first, shared counter)" if opts.schedule == "dynamic" else ""),
-        "units_seconds": work_seconds,
-        "busy_seconds_all_workers": busy,
-        "balance": balance,
+        **work.summary(len(plan.units), opts.schedule),
         "tokenizer": f"{tokenizer.name} (vocab {tokenizer.vocab_size})",
         "dtype": dtype.name,
         "output": str(out),

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from linscale.config import opt
-from linscale.data import digits
+from linscale.data import digits, image_shards
 from linscale.data import images as img
 from linscale.models import resnet, vit
 from linscale.task import DataShard, Task
@@ -98,12 +98,6 @@ def _family(c: ImageTaskConfig) -> tuple[str, str]:
     return family, size
 
 
-def _is_packed(root: Path) -> bool:
-    from linscale.data import image_shards
-
-    return image_shards.is_packed_images(root)
-
-
 class ImageTask(Task):
     Config = ImageTaskConfig
     defaults = {
@@ -132,6 +126,8 @@ class ImageTask(Task):
         self.digits = not c.data or digits.is_complete(c.data)
         # Found (and, for the digits, written) now: the launcher builds the task before it starts
         # workers, so a bad folder is one message, and the digits are written once.
+        self.data_dir = digits.write_digits(DIGITS_DIR) if not c.data else Path(c.data)
+        self.packed = image_shards.is_packed_images(self.data_dir)
         self.train_index = self._open(c.train_split)
         self.eval_index = self._eval_index()
         if self.eval_index is not None:
@@ -143,18 +139,10 @@ class ImageTask(Task):
 
     # --- data ---
 
-    @property
-    def data_dir(self) -> Path:
-        if not self.config.data:
-            return digits.write_digits(DIGITS_DIR)
-        return Path(self.config.data)
-
     def _open(self, split: str) -> Any:
         """The index of `split`: packed shards or a folder tree."""
         root = self.data_dir
-        if _is_packed(root):
-            from linscale.data import image_shards
-
+        if self.packed:
             return image_shards.open_packed_images(root, split)
         if not root.is_dir():
             raise img.ImageFolderError(
@@ -169,9 +157,7 @@ class ImageTask(Task):
 
     def _splits(self) -> list[str]:
         root = self.data_dir
-        if _is_packed(root):
-            from linscale.data import image_shards
-
+        if self.packed:
             return image_shards.packed_splits(root)
         return sorted(p.name for p in root.iterdir() if p.is_dir())
 
