@@ -35,7 +35,12 @@ class TrainConfig:
         0,
         "Tokens per optimizer step; when > 0 it overrides global_batch (needs a task with tokens_per_sample).",
     )
-    micro_batch: int = opt(0, "Samples per forward/backward on one replica; 0 = largest that divides.")
+    micro_batch: int | str = opt(
+        0,
+        "Samples per forward/backward on one replica; 0 = the whole share of the replica; auto = the largest "
+        "that divides the share and fits the device memory (from the memory estimate; probed on GPUs), the "
+        "accumulation keeping the global batch.",
+    )
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = no limit).")
     max_tokens: int = opt(0, "Stop after this many training tokens (0 = no limit).")
     max_time: float = opt(0.0, "Stop after this many seconds of training (0 = no limit).")
@@ -62,8 +67,10 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.micro_batch, str) and self.micro_batch != "auto":
+            raise ConfigError(f"train.micro_batch must be an integer >= 0 or auto, got {self.micro_batch!r}")
         for name in ("global_batch", "global_batch_tokens", "micro_batch", "max_steps", "max_tokens", "eval_batches"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) != "auto" and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
         if self.global_batch < 1 and self.global_batch_tokens < 1:
             raise ConfigError("train.global_batch must be >= 1 (or set train.global_batch_tokens)")
@@ -97,10 +104,21 @@ class OptimConfig:
     schedule: str = opt("cosine", "LR after warm-up: cosine (to min_lr_ratio * lr) or constant.")
     warmup_steps: int = opt(10, "Linear warm-up steps.")
     min_lr_ratio: float = opt(0.1, "Final LR of the cosine schedule as a fraction of lr.")
+    lr_scaling: str = opt(
+        "none",
+        "Scale optim.lr when the global batch differs from optim.base_batch: none, linear (lr x B / base) or "
+        "sqrt (lr x sqrt(B / base)); the scaled peak is reached through the warm-up.",
+    )
+    base_batch: int = opt(
+        0, "The global batch (samples) optim.lr was tuned for, for optim.lr_scaling (0 = the task's default batch)."
+    )
 
     def __post_init__(self) -> None:
         _choice("optim.impl", self.impl, ("auto", "fused", "foreach"))
         _choice("optim.schedule", self.schedule, ("cosine", "constant"))
+        _choice("optim.lr_scaling", self.lr_scaling, ("none", "linear", "sqrt"))
+        if self.base_batch < 0:
+            raise ConfigError(f"optim.base_batch must be >= 0 (0 = the task's default batch), got {self.base_batch}")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -170,12 +188,26 @@ class RuntimeConfig:
     )
     threads_per_proc: int = opt(0, "CPU threads per process (0 = cores / local processes).")
     timeout: float = opt(300.0, "Seconds a collective may take before the job fails.")
+    emulate_tflops: float = opt(
+        0.0,
+        "Emulated device speed for scaling studies (0 = off): each block's forward and backward take the time "
+        "they would on a device of this many TFLOP/s (waits replace the compute's duration), communication stays "
+        "real. Meant for CPU processes on emulated clusters; see docs/emulation.md.",
+    )
+    profile: str = opt(
+        "auto",
+        "The machine description the summary's predicted step time uses: auto (this device and a quick network "
+        "probe), a profile name from `linscale plan --list-clusters`, a JSON profile or a `linscale doctor` "
+        "report; off = no prediction.",
+    )
 
     def __post_init__(self) -> None:
         _choice("runtime.device", self.device, ("auto", "cpu", "cuda"))
         _choice("runtime.precision", self.precision, PRECISIONS)
         if self.timeout <= 0:
             raise ConfigError(f"runtime.timeout must be > 0, got {self.timeout}")
+        if self.emulate_tflops < 0:
+            raise ConfigError(f"runtime.emulate_tflops must be >= 0 (0 = off), got {self.emulate_tflops}")
 
 
 @dataclass(kw_only=True)
@@ -247,8 +279,13 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(typ) if a is not type(None)]
-        if value is None or value == "none":
+        if type(None) in typing.get_args(typ) and (value is None or value == "none"):
             return None
+        if int in args and str in args:  # a number or a word such as "auto"
+            try:
+                return _coerce(name, value, int)
+            except ConfigError:
+                return str(value)
         typ = args[0]
     if typ is bool:
         if isinstance(value, bool):

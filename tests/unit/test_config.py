@@ -340,3 +340,14 @@ def test_to_toml_round_trips_gpt_task_config():
 def test_to_toml_round_trips_strings_with_newlines():
     data = {"task": {"prompt": "def f():\n    return 1\n"}}
     assert tomllib.loads(to_toml(data)) == data
+
+
+def test_micro_batch_takes_a_number_or_auto():
+    from linscale.config import load_config
+
+    assert load_config(None, {"train": {"micro_batch": "auto", "max_steps": "1"}}, None).train.micro_batch == "auto"
+    assert load_config(None, {"train": {"micro_batch": "4", "max_steps": "1"}}, None).train.micro_batch == 4
+    with pytest.raises(ConfigError, match="integer >= 0 or auto"):
+        load_config(None, {"train": {"micro_batch": "big", "max_steps": "1"}}, None)
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        load_config(None, {"optim": {"lr_scaling": "cubic"}, "train": {"max_steps": "1"}}, None)

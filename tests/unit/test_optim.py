@@ -147,3 +147,15 @@ def test_model_without_biases_gets_single_group():
     opt = build_optimizer(model, OptimConfig(impl="foreach", weight_decay=0.2), "cpu")
     assert len(opt.param_groups) == 1
     assert opt.param_groups[0]["weight_decay"] == 0.2
+
+
+def test_lr_scaling_rules_follow_the_global_batch():
+    from linscale.train.optim import scaled_lr
+
+    cfg = OptimConfig(lr=1e-3, lr_scaling="linear", warmup_steps=5)
+    assert scaled_lr(cfg, 128, 32)[0] == pytest.approx(4e-3)  # base = the task's default batch
+    lr, note = scaled_lr(OptimConfig(lr=1e-3, lr_scaling="sqrt", base_batch=64), 16, 32)
+    assert lr == pytest.approx(5e-4) and "sqrt" in note and "64" in note
+    assert scaled_lr(OptimConfig(lr=1e-3, lr_scaling="none"), 128, 32) == (1e-3, "")
+    assert scaled_lr(cfg, 32, 32) == (1e-3, "")  # the batch the LR was tuned for: unchanged
+    assert "warmup" in scaled_lr(OptimConfig(lr=1e-3, lr_scaling="linear", warmup_steps=0), 64, 32)[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -27,13 +28,21 @@ from linscale.task import DataShard, Task, TaskError
 from linscale.train import checkpoint as ckptmod
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
-from linscale.train.optim import build_optimizer, build_scheduler, check_schedule
+from linscale.train.optim import build_optimizer, build_scheduler, check_schedule, scaled_lr
 from linscale.train.precision import Precision, check_combination, host_float, resolve_precision
 from linscale.train.rundir import default_run_dir, write_run_dir
 
 
 def make_task(task_cls: type, cfg: RunConfig) -> Task:
     return task_cls(cfg.task) if getattr(task_cls, "Config", None) is not None else task_cls()
+
+
+def default_global_batch(task_cls: type) -> int:
+    """The global batch a task's learning rate is tuned for: its default, else linscale's."""
+    from linscale.config import TrainConfig
+
+    default = getattr(task_cls, "defaults", {}).get("train", {}).get("global_batch")
+    return int(default) if default else TrainConfig.__dataclass_fields__["global_batch"].default
 
 
 def plan_run(task: Task, cfg: RunConfig, replicas: int) -> tuple[BatchPlan, int | None]:
@@ -43,7 +52,9 @@ def plan_run(task: Task, cfg: RunConfig, replicas: int) -> tuple[BatchPlan, int 
         samples = tokens_to_samples(cfg.train.global_batch_tokens, tokens_per_sample)
     else:
         samples = cfg.train.global_batch
-    plan = plan_batch(samples, replicas, cfg.train.micro_batch)
+    # auto: the whole share for now; the run picks the micro-batch once the strategy is known.
+    micro = 0 if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    plan = plan_batch(samples, replicas, micro)
     limits = []
     if cfg.train.max_steps:
         limits.append(cfg.train.max_steps)
@@ -386,8 +397,10 @@ def _train(
     blocks = task.blocks(model) if hasattr(task, "blocks") else list(getattr(model, "blocks", []))
     check_combination(precision.name, strategy, cfg.parallel, topo.world_size, auto=bool(why))
     model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy, precision.param_dtype)
-    opt = build_optimizer(model, cfg.optim, device.type, strategy)
-    sched = build_scheduler(opt, cfg.optim, total_steps)
+    lr, lr_note = scaled_lr(cfg.optim, plan.global_batch, default_global_batch(task_cls))
+    optim_cfg = dataclasses.replace(cfg.optim, lr=lr)
+    opt = build_optimizer(model, optim_cfg, device.type, strategy)
+    sched = build_scheduler(opt, optim_cfg, total_steps)
     memory: dict[str, int] = {}
 
     unit = "tok" if tokens_per_sample else "samples"
@@ -399,6 +412,8 @@ def _train(
             f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
+        if lr_note:
+            print(f"linscale: {lr_note}", flush=True)
     start_step = 0
     if resume is not None:
         start_step = _load_checkpoint(
@@ -424,6 +439,7 @@ def _train(
                     "replicas": plan.replicas,
                 },
                 "resumed_from": str(resume[0]) if resume else None,
+                "lr": lr,
             },
         )
     report = mx.Reporter(run_dir, topo.is_main, cfg.log.progress, cfg.log.tensorboard, total_steps, unit)

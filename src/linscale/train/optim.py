@@ -35,6 +35,31 @@ def build_optimizer(
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def scaled_lr(cfg: OptimConfig, global_batch: int, default_batch: int) -> tuple[float, str]:
+    """The peak LR for `global_batch` under `cfg.lr_scaling`, and a line saying what was done.
+
+    `cfg.lr` is the LR tuned for `cfg.base_batch` samples (0: `default_batch`, the task's default).
+    linear: lr x B / base (Goyal et al. 2017, with warm-up: the scaled peak is reached through
+    optim.warmup_steps); sqrt: lr x sqrt(B / base), the rule for Adam-type optimizers (Malladi et al. 2022).
+
+    >>> scaled_lr(OptimConfig(lr=1e-3, lr_scaling="sqrt", base_batch=64), 256, 32)[0]
+    0.002
+    """
+    base = cfg.base_batch or default_batch
+    if cfg.lr_scaling == "none" or global_batch == base or base <= 0:
+        return cfg.lr, ""
+    ratio = global_batch / base
+    factor = ratio if cfg.lr_scaling == "linear" else math.sqrt(ratio)
+    lr = cfg.lr * factor
+    note = (
+        f"optim.lr {cfg.lr:g} tuned for a global batch of {base} -> {lr:.4g} for {global_batch} "
+        f"({cfg.lr_scaling} rule, x{factor:.3g}, reached through {cfg.warmup_steps} warm-up steps)"
+    )
+    if factor > 1 and cfg.warmup_steps == 0:
+        note += "; consider optim.warmup_steps > 0: a scaled-up LR without warm-up often diverges"
+    return lr, note
+
+
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int | None) -> float:
     """Multiplier of the peak LR at optimizer step `step` (0-based).
 
