@@ -782,21 +782,26 @@ class Cluster:
     def run(
         self,
         cmd: Sequence[str] | Callable[[int], Sequence[str]],
-        node: int | str | None = None,
+        node: int | str | Sequence[int] | None = None,
         timeout: float | None = None,
         env: dict[str, str] | None = None,
         stdout: IO[str] | None = None,
         stderr: IO[str] | None = None,
         grace: float = 3.0,
     ) -> RunResult:
-        """Run `cmd` (or `cmd(rank)`) on every node, or on `node`, concurrently, and wait.
+        """Run `cmd` (or `cmd(rank)`) on every node, or on `node` (one, or a list), concurrently, and wait.
 
         Each output line is prefixed `[node r]`. When a node fails, on timeout or on Ctrl-C the
         other nodes' commands are stopped (SIGTERM, then SIGKILL after `grace` seconds). At the
         end every process the run started that is still alive (found by an environment tag, so
         also daemons that left the process group) is killed. `codes` has every node's exit code
         (negative: the signal that ended it)."""
-        ranks = list(range(self.nodes)) if node is None else [self.check_node(node)]
+        if node is None:
+            ranks = list(range(self.nodes))
+        elif isinstance(node, list | tuple | range):
+            ranks = [self.check_node(r) for r in node]
+        else:
+            ranks = [self.check_node(node)]
         out = stdout or sys.stdout
         err = stderr or sys.stderr
         tag = uuid.uuid4().hex

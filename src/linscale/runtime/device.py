@@ -36,6 +36,23 @@ GPU_PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
 ]
 
+# Device memory bandwidth in bytes/s, from the same data sheets (H100 SXM 3.35 TB/s, PCIe 2.0;
+# A100 80GB SXM 2.04, 40GB 1.56; V100 0.9; L40S 0.864; A10 0.6; L4 0.3; T4 0.32).
+GPU_MEMORY_BANDWIDTH: list[tuple[str, float]] = [
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("H200", 4.8e12),
+    ("A100 80GB", 2.04e12),
+    ("A100", 1.56e12),
+    ("V100", 0.9e12),
+    ("L40S", 0.864e12),
+    ("A10", 0.6e12),
+    ("L4", 0.3e12),
+    ("T4", 0.32e12),
+    ("RTX 4090", 1.0e12),
+    ("RTX 3090", 0.936e12),
+]
+
 
 def _words(text: str) -> str:
     return " " + re.sub(r"[^a-z0-9]+", " ", text.lower()).strip() + " "
@@ -130,6 +147,28 @@ class Device:
             best = min(best, time.perf_counter() - t0)
         return 2 * size**3 / best
 
+    def memory_bandwidth(self) -> float:
+        """Bytes/s this device's memory moves (read + write): the data sheet's for known GPUs, else
+        measured once with a large copy (on CPUs: one process's copy rate with its threads)."""
+        if self.type == "cuda":
+            for key, value in GPU_MEMORY_BANDWIDTH:
+                if _name_matches(key, self.name):
+                    return value
+        return _cached_measure(f"copy|{self.name}|{self.type}|{self.threads}", self._copy_rate)
+
+    def _copy_rate(self, mib: int = 64, reps: int = 5) -> float:
+        src = torch.ones(mib * 2**18, device=self.torch_device)
+        dst = torch.empty_like(src)
+        dst.copy_(src)
+        self.synchronize()
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            self.synchronize()
+            best = min(best, time.perf_counter() - t0)
+        return 2 * src.numel() * 4 / best
+
     def total_memory(self, local_processes: int = 1) -> float:
         """Bytes of memory one process may plan for: the GPU's, or the host's share."""
         if self.type == "cuda":
@@ -147,6 +186,11 @@ class Device:
         torch.set_rng_state(states["cpu"])
         if self.type == "cuda" and "cuda" in states:
             torch.cuda.set_rng_state(states["cuda"], self.index)
+
+    def empty_cache(self) -> None:
+        """Give cached, unused device memory back (after an out-of-memory probe)."""
+        if self.type == "cuda":
+            torch.cuda.empty_cache()
 
     def max_memory_allocated(self) -> int | None:
         if self.type == "cuda":
@@ -188,6 +232,11 @@ def _cache_file() -> Path:
 def measure_cpu_peak(dtype: str, threads: int, size: int = 1024, reps: int = 6) -> float:
     """Measure the CPU's matrix-product FLOP/s once and remember it per CPU model and threads."""
     key = f"{_cpu_name()}|{threads}|{dtype}|{torch.__version__}"
+    return _cached_measure(key, lambda: CPU.matmul_rate(dtype, size, reps))
+
+
+def _cached_measure(key: str, measure) -> float:
+    """`measure()` once per key on this machine, remembered in the user's cache folder."""
     cache = _cache_file()
     try:
         known = json.loads(cache.read_text())
@@ -195,7 +244,7 @@ def measure_cpu_peak(dtype: str, threads: int, size: int = 1024, reps: int = 6) 
         known = {}
     if key in known:
         return float(known[key])
-    value = CPU.matmul_rate(dtype, size, reps)
+    value = measure()
     known[key] = value
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)

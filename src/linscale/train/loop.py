@@ -169,6 +169,133 @@ def count_flops_per_sample(task: Task, model: nn.Module, data: Any, micro_batch:
     return counter.get_total_flops() / n
 
 
+def example_batch(data: Any, micro_batch: int, device: Device) -> Any:
+    """The first `micro_batch` samples of a map-style dataset, collated and on the device."""
+    if isinstance(data, IterableDataset) or not hasattr(data, "__len__") or len(data) == 0:
+        raise TaskError(
+            "this needs a map-style training dataset with samples (an IterableDataset has no first samples)"
+        )
+    batch = torch.utils.data.default_collate([data[i % len(data)] for i in range(micro_batch)])
+    return to_device(batch, device.torch_device, False)
+
+
+def auto_micro_batch(
+    task: Task,
+    model: nn.Module,
+    data: Any,
+    cfg: RunConfig,
+    plan: BatchPlan,
+    strategy: str,
+    precision: Precision,
+    device: Device,
+    topo: Topology,
+) -> tuple[int, str]:
+    """train.micro_batch=auto: the largest micro-batch that divides each replica's share and fits.
+
+    Rank 0 estimates it from the traced model (perf/memory.py) for the device memory; on GPUs
+    every rank then confirms it with one forward/backward and steps down on out-of-memory, and
+    the smallest answer wins, so every rank runs the same micro-batch."""
+    from linscale.perf.memory import largest_micro_batch, trace
+
+    memory = device.total_memory(topo.local_world_size)
+    answer: dict[str, Any] = {}
+    if topo.is_main:
+        micro = largest_micro_batch(
+            trace(task, precision.name),
+            strategy,
+            topo.world_size,
+            topo.num_nodes,
+            precision.name,
+            cfg.parallel.activation_checkpointing,
+            memory,
+            plan.per_replica,
+        )
+        answer = {"micro": micro}
+    micro = ldist.broadcast_object(answer)["micro"]
+    if micro is None:
+        raise ConfigError(
+            f"train.micro_batch=auto: even one sample per micro-batch does not fit the {memory / 2**30:.1f} GiB of "
+            f"this device with parallel.strategy={strategy} (see `linscale estimate-memory`); shard more "
+            "(parallel.strategy=zero3), recompute activations (parallel.activation_checkpointing=full) or add devices"
+        )
+    source = "estimated"
+    if device.type == "cuda":
+        micro = _probe_micro_batch(task, model, data, micro, plan.per_replica, precision, device)
+        source = "estimated, confirmed by a forward/backward"
+    return micro, (
+        f"train.micro_batch=auto: {micro} ({source}: the largest that divides the {plan.per_replica} samples per "
+        f"replica and fits {memory / 2**30:.1f} GiB per device; accumulation {plan.per_replica // micro})"
+    )
+
+
+def _probe_micro_batch(
+    task: Task, model: nn.Module, data: Any, micro: int, share: int, precision: Precision, device: Device
+) -> int:
+    """GPU only: the largest divisor of `share` up to `micro` whose forward/backward runs, the same on every rank."""
+    candidates = [d for d in range(micro, 0, -1) if share % d == 0]
+    chosen = candidates[-1]
+    for m in candidates:
+        try:
+            with precision.autocast():
+                loss = task.loss(model, example_batch(data, m, device))
+            loss.backward()
+            chosen = m
+            break
+        except torch.OutOfMemoryError:
+            pass
+        finally:
+            model.zero_grad(set_to_none=True)
+            device.empty_cache()
+    t = torch.tensor([chosen], device=device.torch_device)
+    ldist.all_reduce(t, "min")
+    return int(t.item())
+
+
+def emulate_speed(
+    task: Task, model: nn.Module, blocks: list[nn.Module], data: Any, micro_batch: int, device: Device, tflops: float
+):
+    """runtime.emulate_tflops: the blocks' forward and backward take the time of a device this fast."""
+    from linscale.perf.virtual import EmulatedSpeed
+
+    batch = example_batch(data, micro_batch, device)
+    emulation = EmulatedSpeed(tflops)
+    emulation.install(model, blocks, lambda: task.loss(model, batch).backward())
+    model.zero_grad(set_to_none=True)
+    return emulation
+
+
+def _predict(
+    task: Task, cfg: RunConfig, plan: BatchPlan, strategy: str, precision: Precision, device: Device, topo: Topology
+) -> dict[str, Any]:
+    """The predictor's figures for this run (runtime.profile), or nothing when it is off or fails:
+    a prediction never stops a run. Collective (the network probe): every rank calls it."""
+    from linscale.perf import check
+
+    try:
+        profile = check.resolve_profile(
+            cfg.runtime.profile, device, topo, precision.compute_dtype, cfg.runtime.emulate_tflops
+        )
+    except Exception as e:  # noqa: BLE001 - reported, the run goes on
+        return {"prediction": f"n/a ({e})"}
+    if profile is None or not topo.is_main:
+        return {}
+    try:
+        return check.predict_run(
+            task,
+            profile,
+            strategy,
+            topo.world_size,
+            plan.global_batch,
+            plan.micro_batch,
+            precision.name,
+            cfg.parallel.activation_checkpointing,
+            cfg.parallel.bucket_mb,
+            cfg.parallel.reduce_dtype,
+        )
+    except Exception as e:  # noqa: BLE001
+        return {"prediction": f"n/a ({type(e).__name__}: {e})"}
+
+
 @dataclass
 class EvalSet:
     loader: DataLoader  # this rank's micro-batches, the same ones at every evaluation
@@ -375,8 +502,17 @@ def _train(
         plan = _resumed_plan(plan, resume, cfg, topo)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank
     model = task.build_model().to(device.torch_device)
+    num_params = sum(p.numel() for p in model.parameters())
+    strategy, why = cfg.parallel.strategy, ""
+    if strategy == "auto":
+        choice = parallel.choose_strategy(num_params, topo.world_size, device.total_memory(topo.local_world_size))
+        strategy, why = choice.strategy, f" (auto: {choice.reason})"
     shard = DataShard(topo.rank, topo.world_size, tc.seed, str(run_dir))
     train_data = task.train_data(shard)
+    micro_note = ""
+    if tc.micro_batch == "auto":
+        micro, micro_note = auto_micro_batch(task, model, train_data, cfg, plan, strategy, precision, device, topo)
+        plan = plan_batch(plan.global_batch, plan.replicas, micro)
     flops_per_sample = task.flops_per_sample() or count_flops_per_sample(
         task, model, train_data, plan.micro_batch, device
     )
@@ -389,14 +525,13 @@ def _train(
             f"smaller than one sample per replica ({topo.world_size}); give it held-out samples or leave "
             "train.target_loss at 0"
         )
-    num_params = sum(p.numel() for p in model.parameters())
-    strategy, why = cfg.parallel.strategy, ""
-    if strategy == "auto":
-        choice = parallel.choose_strategy(num_params, topo.world_size, device.total_memory(topo.local_world_size))
-        strategy, why = choice.strategy, f" (auto: {choice.reason})"
     blocks = task.blocks(model) if hasattr(task, "blocks") else list(getattr(model, "blocks", []))
     check_combination(precision.name, strategy, cfg.parallel, topo.world_size, auto=bool(why))
+    emulation = None
+    if cfg.runtime.emulate_tflops:
+        emulation = emulate_speed(task, model, blocks, train_data, plan.micro_batch, device, cfg.runtime.emulate_tflops)
     model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy, precision.param_dtype)
+    predicted = _predict(task, cfg, plan, strategy, precision, device, topo)
     lr, lr_note = scaled_lr(cfg.optim, plan.global_batch, default_global_batch(task_cls))
     optim_cfg = dataclasses.replace(cfg.optim, lr=lr)
     opt = build_optimizer(model, optim_cfg, device.type, strategy)
@@ -412,8 +547,9 @@ def _train(
             f"{plan.replicas} | {strategy}{why} | run dir {run_dir}",
             flush=True,
         )
-        if lr_note:
-            print(f"linscale: {lr_note}", flush=True)
+        for note in (micro_note, lr_note):
+            if note:
+                print(f"linscale: {note}", flush=True)
     start_step = 0
     if resume is not None:
         start_step = _load_checkpoint(
@@ -615,6 +751,13 @@ def _train(
             summary[f"model_state_{key}_mb"] = value
         summary.update(_fault_summary(step, start_step, resume, ckpt, nonfinite, spikes, stopped_by, epoch_samples,
                                       plan))  # fmt: skip
+        if emulation is not None:
+            stats = emulation.stats()  # how faithful the emulation was: real compute must stay well below it
+            summary.update({f"emulation_{k}": stats[k] for k in ("tflops", "real_share", "overrun_share", "slowdown")})
+        if topo.is_main and predicted:
+            from linscale.perf.check import compare
+
+            summary.update(compare(summary, predicted))
         report.close()
         final_model = parallel.unwrap(model)
         sharded = parallel.is_sharded(model)
