@@ -8,7 +8,8 @@ A task is a small class. linscale calls, on every process:
                                           # or an IterableDataset that reads shard.rank/size
     loss = task.loss(model, batch)        # a scalar: the mean loss of the batch
 
-and, when defined, `eval_data(shard)`, `eval_step(model, batch)`, `flops_per_sample()`, `tokens_per_sample` and
+and, when defined, `eval_data(shard)`, `eval_step(model, batch)`, `flops_per_sample()`, `tokens_per_sample`,
+`example_batch(micro_batch)` (a batch made without reading data, for the memory estimate) and
 `final_report(model)`. A task never touches ranks, devices or process groups beyond the
 `DataShard` it is given.
 
@@ -97,6 +98,25 @@ class Task:
 
         By default the modules in `model.blocks` (an nn.ModuleList), or none."""
         return list(getattr(model, "blocks", []))
+
+    def example_batch(self, micro_batch: int) -> Any:
+        """A batch of `micro_batch` samples shaped like the training loader's, for tracing the model
+        (`linscale estimate-memory`); its values do not matter.
+
+        By default the first samples of `train_data`, collated; a task whose data is large or
+        absent returns tensors of the right shapes and dtypes instead."""
+        import itertools
+
+        import torch.utils.data
+
+        data = self.train_data(DataShard(0, 1, 0))
+        if isinstance(data, torch.utils.data.IterableDataset):
+            samples = list(itertools.islice(iter(data), micro_batch))
+        else:
+            samples = [data[i] for i in range(min(micro_batch, len(data)))]
+        if not samples:
+            raise TaskError(f"{type(self).__name__}.train_data is empty; define example_batch(micro_batch) instead")
+        return torch.utils.data.default_collate([samples[i % len(samples)] for i in range(micro_batch)])
 
     def flops_per_sample(self) -> float | None:
         """Training FLOPs (forward + backward) of one sample; None lets linscale count them."""

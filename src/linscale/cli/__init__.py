@@ -13,7 +13,7 @@ os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 from linscale import __version__
 
 # One module per subcommand; each defines add_parser(subparsers).
-SUBCOMMANDS = ("train", "doctor", "slurm", "cluster", "preprocess", "export", "data")
+SUBCOMMANDS = ("train", "doctor", "slurm", "cluster", "preprocess", "export", "data", "estimate", "plan", "bench")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,11 @@ class GPTTask(Task):
             return self._windows("val") if self._has_tokens("val") else None
         return TokenWindows(self._data()[1], self.config.block_size)
 
+    def example_batch(self, micro_batch: int) -> torch.Tensor:
+        """Windows of block_size + 1 token ids, as the loader yields them, without reading the data."""
+        n = self.config.block_size + 1
+        return (torch.arange(micro_batch * n, dtype=torch.int64) % self.model_cfg.vocab_size).view(micro_batch, n)
+
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         x, y = batch[:, :-1], batch[:, 1:]
         logits = model(x)

@@ -243,6 +243,11 @@ class ImageTask(Task):
     def flops_per_sample(self) -> float:
         return float(self.model_cfg.train_flops_per_sample())
 
+    def example_batch(self, micro_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images at the task's resolution and their labels, as the loader yields them, without decoding."""
+        images = torch.zeros(micro_batch, self.model_cfg.channels, self.image_size, self.image_size)
+        return images, torch.arange(micro_batch, dtype=torch.int64) % len(self.classes)
+
     # --- loss and evaluation ---
 
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
