@@ -141,3 +141,35 @@ def test_auto_loader_workers_follow_the_device_and_the_data():
     assert _loader_workers(-1, gpu, plain) == 4 and _loader_workers(-1, small_gpu_host, plain) == 1
     assert _loader_workers(-1, gpu, Stream()) == 1  # more would read the stream once per worker
     assert _loader_workers(3, cpu, plain) == 3  # a setting is kept
+
+
+def test_auto_micro_batch_is_the_largest_divisor_that_fits_and_keeps_the_global_batch():
+    from dataclasses import replace
+
+    from linscale.config import load_config
+    from linscale.perf.memory import estimate, trace
+    from linscale.runtime.device import CPU
+    from linscale.runtime.topology import Topology
+    from linscale.tasks.gpt import GPTTask
+    from linscale.train.loop import auto_micro_batch, make_task, plan_run
+    from linscale.train.precision import resolve_precision
+
+    over = {"train": {"global_batch": "16", "micro_batch": "auto", "max_steps": "1"},
+            "task": {"n_layer": "2", "d_model": "64", "n_head": "4", "block_size": "32", "corpus_mb": "0.5"},
+            "runtime": {"precision": "fp32"}}  # fmt: skip
+    cfg = load_config(None, over, GPTTask.Config, GPTTask.defaults)
+    task = make_task(GPTTask, cfg)
+    plan, _ = plan_run(task, cfg, 1)
+    assert plan.micro_batch == 16  # the whole share until the run decides
+    tr = trace(task, "fp32")
+    peak = {mb: estimate(tr, "ddp", 1, 1, mb, "fp32").peak for mb in (4, 8)}
+    device = replace(CPU, threads=1)
+    # A device of memory between the peaks of micro-batch 4 and 8 (10% kept in reserve).
+    memory = (peak[4] + peak[8]) / 2 / 0.9
+    device.total_memory = lambda local=1: memory  # type: ignore[method-assign]
+    precision = resolve_precision("fp32", device)
+    micro, note = auto_micro_batch(task, None, None, cfg, plan, "ddp", precision, device, Topology())
+    assert micro == 4 and "accumulation 4" in note
+    device.total_memory = lambda local=1: peak[4] / 10  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="does not fit"):
+        auto_micro_batch(task, None, None, cfg, plan, "ddp", precision, device, Topology())

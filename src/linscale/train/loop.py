@@ -209,6 +209,9 @@ def auto_micro_batch(
             cfg.parallel.activation_checkpointing,
             memory,
             plan.per_replica,
+            bucket_mb=cfg.parallel.bucket_mb,
+            reduce_dtype=cfg.parallel.reduce_dtype,
+            comm_hook=cfg.parallel.comm_hook,
         )
         answer = {"micro": micro}
     micro = ldist.broadcast_object(answer)["micro"]
