@@ -46,8 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     from linscale import config as lconfig
+    from linscale.cli.train import prepare
     from linscale.perf import bench
-    from linscale.task import TaskError, resolve_task
+    from linscale.task import TaskError
     from linscale.train.metrics import format_summary
 
     try:
@@ -57,13 +58,11 @@ def run_cli(args: argparse.Namespace, rest: list[str], argv: list[str]) -> int:
     try:
         spec = bench.parse_cluster(args.cluster)
         bench.layouts(devices, spec)
-        if args.steps < 5:
+        if args.steps < 10:
             raise bench.BenchError(f"--steps {args.steps} leaves no steady state to measure; use 10 or more")
-        task_cls = resolve_task(args.task)
-        overrides = lconfig.parse_overrides(rest)
-        cfg = lconfig.load_config(
-            args.config, overrides, getattr(task_cls, "Config", None), getattr(task_cls, "defaults", None)
-        )
+        # The settings as `linscale train` resolves them; the sweep sets the step budget itself.
+        budget = [] if any(a.split("=")[0] in bench.BUDGETS for a in rest) else [f"--train.max_steps={args.steps}"]
+        _, cfg = prepare(argparse.Namespace(task=args.task, config=args.config, resume=None), [*rest, *budget])
         if cfg.train.global_batch_tokens:
             raise bench.BenchError("give the sweep's batch as --train.global_batch (samples), not in tokens")
         extra = list(rest) + ([f"--config={args.config}"] if args.config else [])

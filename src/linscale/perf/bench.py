@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+BUDGETS = ("--train.max_steps", "--train.max_time", "--train.max_tokens")  # a user's own budget replaces --steps
 PHASES = ("data", "fwd_bwd", "comm", "optim")
 PHASE_LABELS = {"data": "data wait", "fwd_bwd": "forward/backward", "comm": "exposed comm", "optim": "optimizer"}
 
@@ -311,7 +312,7 @@ def train_args(task: str, extra: list[str], point_batch: int, steps: int, run_di
     """The arguments of `linscale train` for one point of the sweep."""
     own = ("--train.global_batch", "--train.global_batch_tokens", "--log.dir", "--nproc-per-node", "--log.progress")
     args = [task, *_drop_option(extra, own)]
-    if not any(a.split("=", 1)[0] in ("--train.max_steps", "--train.max_time", "--train.max_tokens") for a in extra):
+    if not any(a.split("=", 1)[0] in BUDGETS for a in extra):
         args.append(f"--train.max_steps={steps}")
     return [
         *args,
