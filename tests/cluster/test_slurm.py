@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,6 +77,21 @@ def test_srun_two_tasks_train_like_two_local_processes(env, tmp_path, tmp_path_f
     assert read_summary(run_dir)["world_size"] == 2
     assert res.stdout.count("***** train metrics *****") == 1  # only rank 0 reports
     assert_same_losses(read_losses(run_dir), reference_losses(tmp_path_factory.getbasetemp()))
+
+
+def test_scaling_sweep_runs_each_size_as_a_job_step_of_the_allocation(env, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = ["salloc", "-N", "1", "-n", "2", "-t", "5", sys.executable, "-m", "linscale", "bench", "scaling", "gpt",
+           "--devices=1,2", "--mode=weak", "--cluster=slurm:1x2", "--steps=10", f"--out={out}", *TINY_GPT,
+           "--train.global_batch=4"]  # fmt: skip
+    res = run_tagged(cmd, env=env, timeout=240)
+    assert res.returncode == 0, res.output
+    rows = json.loads((out / "scaling.json").read_text())["rows"]
+    assert [(r["devices"], r["global_batch"]) for r in rows] == [(1, 4), (2, 8)]
+    for r in rows:
+        summary = read_summary(Path(r["run_dir"]))
+        assert summary["world_size"] == r["devices"] and r["step_ms"] == summary["steady_step_time_ms"]
+    assert (out / "efficiency.png").exists() and "SLURM allocation: 1 nodes x 2 processes" in res.stdout
 
 
 def test_srun_two_tasks_preprocess_like_one_process(env, tmp_path):

@@ -14,6 +14,9 @@ def test_cluster_specs_and_layouts():
     spec = bench.parse_cluster("emulated:4x2:10gbit:50us")
     assert spec == ClusterSpec("emulated", 4, 2, "10gbit", "50us")
     assert bench.parse_cluster("local").kind == "local"
+    assert bench.parse_cluster("slurm:2x4") == ClusterSpec("slurm", 2, 4)
+    assert bench.srun_command(Layout(8, 2, 4), ["gpt"])[:5] == [
+        "srun", "--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--kill-on-bad-exit=1"]  # fmt: skip
     with pytest.raises(BenchError, match="emulated:NODESxPER_NODE:RATE"):
         bench.parse_cluster("emulated:4:10gbit")
     assert bench.layouts([1, 2, 8], spec) == [Layout(1, 1, 1), Layout(2, 1, 2), Layout(8, 4, 2)]
@@ -80,3 +83,9 @@ def test_bench_cli_names_bad_input(capsys):
     assert "whole nodes" in capsys.readouterr().err
     assert main(["bench", "scaling", "gpt", "--steps", "3"]) == 2
     assert "no steady state" in capsys.readouterr().err
+
+
+def test_slurm_sweep_outside_an_allocation_says_how_to_start_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(BenchError, match="salloc"):
+        bench.sweep("gpt", [], [1], "weak", ClusterSpec("slurm", 1, 1), 4, 10, tmp_path, 60, progress=False)

@@ -34,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--cluster",
         default="local",
-        help="local (processes on this machine, the default) or emulated:NODESxPER_NODE:RATE[:LATENCY], "
-        "e.g. emulated:4x2:10gbit (needs root: network namespaces)",
+        help="local (processes on this machine, the default), emulated:NODESxPER_NODE:RATE[:LATENCY], e.g. "
+        "emulated:4x2:10gbit (needs root: network namespaces), or slurm:NODESxPER_NODE: each size a job step "
+        "(srun) of the SLURM allocation the sweep runs in",
     )
     s.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps per run (default: {STEPS})")
     s.add_argument("--out", default="", help="output folder (default: runs/scaling-<task>-<time>)")

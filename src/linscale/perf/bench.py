@@ -50,19 +50,27 @@ class ClusterSpec:
     def describe(self) -> str:
         if self.kind == "local":
             return "this machine"
+        if self.kind == "slurm":
+            return f"SLURM allocation: {self.nodes} nodes x {self.per_node} processes"
         lat = f", {self.latency} latency" if self.latency else ""
         return f"emulated cluster: {self.nodes} nodes x {self.per_node} processes, {self.link} links{lat}"
 
 
 def parse_cluster(text: str) -> ClusterSpec:
-    """`local` or `emulated:NODESxPER_NODE:RATE[:LATENCY]`, e.g. `emulated:4x2:10gbit:50us`."""
+    """`local`, `emulated:NODESxPER_NODE:RATE[:LATENCY]` (e.g. `emulated:4x2:10gbit:50us`) or
+    `slurm:NODESxPER_NODE` (job steps of the SLURM allocation the sweep runs in)."""
     if text in ("", "local"):
         return ClusterSpec("local")
+    m = re.fullmatch(r"slurm:(\d+)x(\d+)", text.strip().lower())
+    if m:
+        if int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise BenchError(f"--cluster {text!r}: nodes and processes per node must be >= 1")
+        return ClusterSpec("slurm", int(m.group(1)), int(m.group(2)))
     m = re.fullmatch(r"emulated:(\d+)x(\d+):([0-9.]+[kmg]?bit)(?::([0-9.]+(?:us|ms)))?", text.strip().lower())
     if not m:
         raise BenchError(
-            f"--cluster {text!r} is not understood; use local or emulated:NODESxPER_NODE:RATE[:LATENCY], "
-            "for example emulated:4x2:10gbit or emulated:2x2:1gbit:100us"
+            f"--cluster {text!r} is not understood; use local, emulated:NODESxPER_NODE:RATE[:LATENCY] (for example "
+            "emulated:4x2:10gbit or emulated:2x2:1gbit:100us) or slurm:NODESxPER_NODE inside an allocation"
         )
     nodes, per_node = int(m.group(1)), int(m.group(2))
     if nodes < 1 or per_node < 1:
@@ -85,6 +93,7 @@ def layouts(devices: list[int], spec: ClusterSpec) -> list[Layout]:
         raise BenchError(f"--devices must be increasing and without repeats, got {','.join(map(str, devices))}")
     if spec.kind == "local":
         return [Layout(n, 1, n) for n in devices]
+    # Emulated or SLURM nodes: fill one node, then whole nodes.
     out = []
     for n in devices:
         if n <= spec.per_node:
@@ -325,6 +334,23 @@ def train_args(task: str, extra: list[str], point_batch: int, steps: int, run_di
     ]
 
 
+def srun_command(layout: Layout, args: list[str]) -> list[str]:
+    """One job step of the allocation: a task per process, each a linscale worker (runtime/topology.py
+    reads its rank from SLURM, the rendezvous port from the job and step)."""
+    return [
+        "srun",
+        f"--nodes={layout.nodes}",
+        f"--ntasks={layout.devices}",
+        f"--ntasks-per-node={layout.per_node}",
+        "--kill-on-bad-exit=1",
+        sys.executable,
+        "-m",
+        "linscale",
+        "train",
+        *args,
+    ]
+
+
 class Runner:
     """Runs one `linscale train` per point: here, or on the nodes of an emulated cluster."""
 
@@ -333,6 +359,11 @@ class Runner:
         self.cluster = None
 
     def __enter__(self) -> Runner:
+        if self.spec.kind == "slurm" and not os.environ.get("SLURM_JOB_ID"):
+            raise BenchError(
+                "--cluster slurm:... runs each size as a job step of the allocation it runs in; start the sweep "
+                "inside one: salloc --nodes=N --ntasks-per-node=P linscale bench scaling ... (or in an sbatch script)"
+            )
         if self.spec.kind == "emulated":
             from linscale.cluster.netns import Cluster, check_host
 
@@ -351,6 +382,12 @@ class Runner:
 
     def run(self, layout: Layout, args: list[str], log_path: Path) -> int:
         with open(log_path, "w") as log:
+            if self.spec.kind == "slurm":
+                cmd = srun_command(layout, args)
+                try:
+                    return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=self.timeout).returncode
+                except subprocess.TimeoutExpired:
+                    return 124
             if self.cluster is None:
                 cmd = [sys.executable, "-m", "linscale", "train", *args, f"--nproc-per-node={layout.per_node}"]
                 try:
