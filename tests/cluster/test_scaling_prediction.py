@@ -1,7 +1,8 @@
 """Predictions checked against measurements on an emulated cluster: 4 nodes x 2 ranks on 10 Gbit/s
 links, each rank's compute replaced by the waits of an emulated device, the communication real.
-One `linscale bench scaling` sweep per strategy writes the charts and the table; the test checks
-the files, the table against each run's own summary, and the predictions against the measurements.
+One `linscale bench scaling` sweep writes the charts and the table; the test checks the files, the
+table against each run's own summary, and the predictions against the measurements (ddp; the
+sharded strategies' errors are measured by benchmarks/bench_prediction.py, see BENCHMARKS.md).
 Needs root (network namespaces)."""
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def sweep(tmp_path: Path, strategy: str, devices: str) -> tuple[Path, dict]:
     return out, json.loads((out / "scaling.json").read_text())
 
 
-@pytest.mark.parametrize(("strategy", "devices"), [("ddp", "1,2,8"), ("zero3", "1,8")])
-def test_bench_scaling_predicts_the_emulated_cluster(tmp_path, strategy, devices):
-    out, report = sweep(tmp_path, strategy, devices)
+def test_bench_scaling_predicts_the_emulated_cluster(tmp_path):
+    devices = "1,2,8"
+    out, report = sweep(tmp_path, "ddp", devices)
     for name in ("throughput.png", "efficiency.png", "breakdown.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     table = (out / "scaling.md").read_text()

@@ -348,6 +348,8 @@ def srun_command(layout: Layout, args: list[str]) -> list[str]:
         "linscale",
         "train",
         *args,
+        # A lone task launches like a plain command (its node's default process count): one process.
+        *(["--nproc-per-node=1"] if layout.devices == 1 else []),
     ]
 
 
