@@ -21,6 +21,9 @@ TINY_GPT = [
     "--task.sample_tokens=0",
     "--runtime.precision=fp32",
     "--log.progress=false",
+    # Tests of other things skip the run's own prediction (tracing, host rates and the network
+    # probe, about a second a run); tests/dist/test_prediction.py turns it back on.
+    "--runtime.profile=off",
 ]
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.dist
 def test_auto_micro_batch_lr_rule_and_predictions_in_the_summary(linscale):
     run = linscale("train", "gpt", *TINY_GPT, "--nproc-per-node=2", "--train.max_steps=12", "--train.global_batch=16",
                    "--train.micro_batch=auto", "--optim.lr=1e-3", "--optim.lr_scaling=linear", "--optim.base_batch=8",
-                   "--parallel.strategy=zero2", "--checkpoint.at_end=false")  # fmt: skip
+                   "--parallel.strategy=zero2", "--checkpoint.at_end=false", "--runtime.profile=auto")  # fmt: skip
     assert run.returncode == 0, run.output
     meta = json.loads((run.run_dir / "run.json").read_text())
     # A tiny model fits whole on a host: the whole share of 8 per replica, no accumulation.
