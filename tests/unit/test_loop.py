@@ -168,8 +168,8 @@ def test_auto_micro_batch_is_the_largest_divisor_that_fits_and_keeps_the_global_
     memory = (peak[4] + peak[8]) / 2 / 0.9
     device.total_memory = lambda local=1: memory  # type: ignore[method-assign]
     precision = resolve_precision("fp32", device)
-    micro, note = auto_micro_batch(task, None, None, cfg, plan, "ddp", precision, device, Topology())
+    micro, note = auto_micro_batch(GPTTask, task, None, None, cfg, plan, "ddp", precision, device, Topology())
     assert micro == 4 and "accumulation 4" in note
     device.total_memory = lambda local=1: peak[4] / 10  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="does not fit"):
-        auto_micro_batch(task, None, None, cfg, plan, "ddp", precision, device, Topology())
+        auto_micro_batch(GPTTask, task, None, None, cfg, plan, "ddp", precision, device, Topology())

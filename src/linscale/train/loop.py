@@ -180,6 +180,7 @@ def example_batch(data: Any, micro_batch: int, device: Device) -> Any:
 
 
 def auto_micro_batch(
+    task_cls: type,
     task: Task,
     model: nn.Module,
     data: Any,
@@ -194,14 +195,15 @@ def auto_micro_batch(
 
     Rank 0 estimates it from the traced model (perf/memory.py) for the device memory; on GPUs
     every rank then confirms it with one forward/backward and steps down on out-of-memory, and
-    the smallest answer wins, so every rank runs the same micro-batch."""
+    the smallest answer wins, so every rank runs the same micro-batch. The estimate traces a task
+    instance of its own: a task may keep state across `loss` calls (tests count them)."""
     from linscale.perf.memory import largest_micro_batch, trace
 
     memory = device.total_memory(topo.local_world_size)
     answer: dict[str, Any] = {}
     if topo.is_main:
         micro = largest_micro_batch(
-            trace(task, precision.name),
+            trace(make_task(task_cls, cfg), precision.name),
             strategy,
             topo.world_size,
             topo.num_nodes,
@@ -268,10 +270,11 @@ def emulate_speed(
 
 
 def _predict(
-    task: Task, cfg: RunConfig, plan: BatchPlan, strategy: str, precision: Precision, device: Device, topo: Topology
+    task_cls: type, cfg: RunConfig, plan: BatchPlan, strategy: str, precision: Precision, device: Device, topo: Topology
 ) -> dict[str, Any]:
     """The predictor's figures for this run (runtime.profile), or nothing when it is off or fails:
-    a prediction never stops a run. Collective (the network probe): every rank calls it."""
+    a prediction never stops a run. Collective (the network probe): every rank calls it. The trace
+    runs a task instance of its own, so the training task's state is not touched."""
     from linscale.perf import check
 
     try:
@@ -284,7 +287,7 @@ def _predict(
         return {}
     try:
         return check.predict_run(
-            task,
+            make_task(task_cls, cfg),
             profile,
             strategy,
             topo.world_size,
@@ -514,7 +517,9 @@ def _train(
     train_data = task.train_data(shard)
     micro_note = ""
     if tc.micro_batch == "auto":
-        micro, micro_note = auto_micro_batch(task, model, train_data, cfg, plan, strategy, precision, device, topo)
+        micro, micro_note = auto_micro_batch(
+            task_cls, task, model, train_data, cfg, plan, strategy, precision, device, topo
+        )
         plan = plan_batch(plan.global_batch, plan.replicas, micro)
     flops_per_sample = task.flops_per_sample() or count_flops_per_sample(
         task, model, train_data, plan.micro_batch, device
@@ -534,7 +539,7 @@ def _train(
     if cfg.runtime.emulate_tflops:
         emulation = emulate_speed(task, model, blocks, train_data, plan.micro_batch, device, cfg.runtime.emulate_tflops)
     model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy, precision.param_dtype)
-    predicted = _predict(task, cfg, plan, strategy, precision, device, topo)
+    predicted = _predict(task_cls, cfg, plan, strategy, precision, device, topo)
     lr, lr_note = scaled_lr(cfg.optim, plan.global_batch, default_global_batch(task_cls))
     optim_cfg = dataclasses.replace(cfg.optim, lr=lr)
     opt = build_optimizer(model, optim_cfg, device.type, strategy)
