@@ -202,8 +202,10 @@ def auto_micro_batch(
     memory = device.total_memory(topo.local_world_size)
     answer: dict[str, Any] = {}
     if topo.is_main:
+        with torch.random.fork_rng(devices=[]):  # the trace draws nothing from the run's random numbers
+            tr = trace(make_task(task_cls, cfg), precision.name)
         micro = largest_micro_batch(
-            trace(make_task(task_cls, cfg), precision.name),
+            tr,
             strategy,
             topo.world_size,
             topo.num_nodes,
@@ -539,7 +541,8 @@ def _train(
     if cfg.runtime.emulate_tflops:
         emulation = emulate_speed(task, model, blocks, train_data, plan.micro_batch, device, cfg.runtime.emulate_tflops)
     model, clock = parallel.wrap(model, cfg.parallel, device, topo, blocks, strategy, precision.param_dtype)
-    predicted = _predict(task_cls, cfg, plan, strategy, precision, device, topo)
+    with torch.random.fork_rng(devices=[]):  # probes and the trace leave the run's random numbers alone
+        predicted = _predict(task_cls, cfg, plan, strategy, precision, device, topo)
     lr, lr_note = scaled_lr(cfg.optim, plan.global_batch, default_global_batch(task_cls))
     optim_cfg = dataclasses.replace(cfg.optim, lr=lr)
     opt = build_optimizer(model, optim_cfg, device.type, strategy)
