@@ -295,7 +295,10 @@ def test_cli_status_errors_and_ctrl_c(cluster, cluster_state_dir):
         f"remove it with `linscale cluster down --name {cluster.name}`"
     )
 
-    run = linscale_cli("run", "--name", cluster.name, "--", "sleep", "60", state_dir=cluster_state_dir)
+    # A test session started in the background (`cmd &` in a script) ignores SIGINT, and so would
+    # every child: the command gets the default handling back, as in a terminal.
+    run = linscale_cli("run", "--name", cluster.name, "--", "sleep", "60", state_dir=cluster_state_dir,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     try:
         wait_for(lambda: all(s.processes for s in cluster.status()), 30, "sleep on every node")
         run.send_signal(signal.SIGINT)
