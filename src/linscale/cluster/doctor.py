@@ -172,7 +172,7 @@ def findings(report: Report) -> list[str]:
     return out
 
 
-def _timed(fn, device: Device, budget_s: float, max_iters: int = 20) -> float:
+def time_collective(fn, device: Device, budget_s: float, max_iters: int = 20) -> float:
     """Median seconds of `fn()` (a collective), the same iteration count on every rank."""
     fn()  # warm-up: connections, buffers
     device.synchronize()
@@ -235,7 +235,7 @@ def run_checks(
     sweep = []
     for nbytes in sizes_between(min_bytes, max_bytes):
         t = torch.ones(nbytes // 4, dtype=torch.float32, device=device.torch_device)
-        seconds = _timed(lambda t=t: dist.all_reduce(t), device, budget_s)
+        seconds = time_collective(lambda t=t: dist.all_reduce(t), device, budget_s)
         sweep.append(SweepPoint(nbytes, seconds, *bus_bandwidth(nbytes, seconds, topo.world_size)))
 
     pairs = []

@@ -16,8 +16,6 @@ two sizes (the latency per ring step and the bus bandwidth). A profile name, a J
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any
 
 import torch
@@ -32,30 +30,21 @@ DEFAULT_EFFICIENCY = 0.5
 PROBE_BYTES = (4 * 2**10, 4 * 2**20)
 
 
-def probe_network(device: Device, topo: Topology, reps: int = 5) -> tuple[float, float] | None:
+def probe_network(device: Device, topo: Topology, budget_s: float = 0.1) -> tuple[float, float] | None:
     """(seconds per ring step, bus bandwidth in bytes/s) of this job's all-reduce; None for one process.
 
-    Two sizes: the small one is latency-bound (2(n-1) ring steps), the large one gives the bandwidth
-    once the latency is taken off. Every rank runs the same iterations; the slowest rank counts."""
+    Two sizes, timed as `linscale doctor` times its sweep (median, the slowest rank counts): the
+    small one is latency-bound (2(n-1) ring steps), the large one gives the bandwidth once the
+    latency is taken off."""
     if not ldist.active() or topo.world_size == 1:
         return None
+    from linscale.cluster.doctor import time_collective
+
     n = topo.world_size
     times = []
     for nbytes in PROBE_BYTES:
         t = torch.zeros(nbytes // 4, device=device.torch_device)
-        for _ in range(2):  # connections and buffers
-            dist.all_reduce(t)
-        samples = []
-        for _ in range(reps):
-            dist.barrier()
-            device.synchronize()
-            t0 = time.perf_counter()
-            dist.all_reduce(t)
-            device.synchronize()
-            samples.append(time.perf_counter() - t0)
-        slowest = torch.tensor([statistics.median(samples)], dtype=torch.float64)
-        ldist.all_reduce(slowest, "max")
-        times.append(slowest.item())
+        times.append(time_collective(lambda t=t: dist.all_reduce(t), device, budget_s, max_iters=5))
     steps = 2 * (n - 1)
     alpha = times[0] / steps
     moved = steps / n * PROBE_BYTES[1]
