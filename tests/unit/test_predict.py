@@ -160,9 +160,31 @@ def test_optimizer_is_memory_bound_on_what_the_rank_holds():
     zero1 = pr.predict_step(tr, c, "zero1", 4, 4, 1, memory=False)
     assert zero1.optimizer == pytest.approx((1e6 * 28 + 4e6 * 12) / 40e9)
     zero3 = pr.predict_step(tr, c, "zero3", 4, 4, 1, memory=False)
-    assert zero3.optimizer == pytest.approx(1e6 * 40 / 40e9 * 2.0)  # the foreach kernel on DTensors
+    assert zero3.optimizer == pytest.approx(1e6 * 40 / 40e9)  # fused AdamW on the DTensors' shards
+    foreach = pr.predict_step(tr, c, "zero3", 4, 4, 1, memory=False, optimizer_impl="foreach")
+    assert foreach.optimizer == pytest.approx(2.0 * zero3.optimizer)
     shared = dataclasses.replace(c, host_devices=4)  # four CPU ranks share one host's memory
     assert pr.predict_step(tr, shared, "ddp", 4, 4, 1, memory=False).optimizer == pytest.approx(4 * ddp.optimizer)
+
+
+def test_cpu_ranks_host_work_grows_with_the_ranks_sharing_a_core():
+    tr = trace(blocks=4, block_shapes=[(1000, 1000), (1000,)], other=[(10, 1000)], fwd_flops=1e9)
+    base = cluster(backend="gloo", overlap_sharded=False, host_devices=4)
+    own = dataclasses.replace(base, host_cores=4, host_call_overhead=1e-3, host_tensor_overhead=1e-4)
+    shared = dataclasses.replace(own, host_cores=2)  # two ranks per core: host work takes twice as long
+    for strategy in ("zero2", "zero3"):
+        p0, p1, p2 = (pr.predict_step(tr, c, strategy, 4, 4, 1, memory=False) for c in (base, own, shared))
+        # every FSDP2 collective call (a gather per unit and pass, a reduce-scatter per unit) adds its host work
+        calls = 5 * (3 if strategy == "zero3" else 2)
+        assert p1.compute - p0.compute == pytest.approx(calls * 1e-3)
+        assert p2.compute - p0.compute == pytest.approx(2 * calls * 1e-3)
+        assert p1.comm_exposed == pytest.approx(p0.comm_exposed, rel=1e-3)
+        # the optimizer step's per-tensor work on the 9 DTensor parameters
+        assert p1.optimizer - p0.optimizer == pytest.approx(9 * 1e-4)
+        assert p2.optimizer - p0.optimizer == pytest.approx(2 * 9 * 1e-4)
+    # DDP's plain parameters take one fused kernel: no per-tensor work
+    ddp = [pr.predict_step(tr, c, "ddp", 4, 4, 1, memory=False) for c in (base, shared)]
+    assert ddp[1].optimizer == pytest.approx(ddp[0].optimizer) and ddp[1].compute == pytest.approx(ddp[0].compute)
 
 
 # --- sharded strategies: gloo blocks, NCCL overlaps ---

@@ -121,6 +121,7 @@ def predict_run(
     activation_checkpointing: str,
     bucket_mb: float,
     reduce_dtype: str,
+    optimizer_impl: str = "fused",
 ) -> dict[str, Any]:
     """The predicted figures of a run, as summary entries."""
     from linscale.perf.memory import trace
@@ -138,6 +139,7 @@ def predict_run(
         activation_checkpointing=activation_checkpointing,
         bucket_mb=bucket_mb,
         reduce_dtype=reduce_dtype,
+        optimizer_impl=optimizer_impl,
     )
     out: dict[str, Any] = {
         "predicted_step_time_ms": 1e3 * p.step_time,

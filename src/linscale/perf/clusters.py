@@ -63,6 +63,16 @@ class ClusterProfile:
     #: How much longer the slowest rank's compute takes than the stated time: every synchronizing
     #: collective waits for it (0 for devices that keep pace; CPU ranks sharing too few cores lag).
     straggler: float = 0.0
+    #: Cores the `host_devices` share (0: each device has its own): host work of ranks that outnumber
+    #: them runs that much slower (all ranks do it at once, between the same collectives).
+    host_cores: int = 0
+    #: Seconds of host work on the training thread per FSDP2 collective call (hooks, views, the
+    #: copy-in/out bookkeeping) where it is the device's own work (CPU ranks); on GPUs the host runs
+    #: ahead of the device and it hides (0).
+    host_call_overhead: float = 0.0
+    #: Seconds of host work per sharded (DTensor) parameter in the optimizer step (the gradient norm's
+    #: and fused AdamW's per-tensor bookkeeping), where the host work is the device's (CPU ranks).
+    host_tensor_overhead: float = 0.0
     #: Where the figures come from.
     source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
@@ -103,6 +113,12 @@ class ClusterProfile:
         if self.host_devices > 0:
             return self.mem_bandwidth / max(1, min(world, self.host_devices))
         return self.mem_bandwidth
+
+    def host_share(self, world: int) -> float:
+        """How much slower host work runs while `world` devices do it at once (1: a core each)."""
+        if self.host_devices > 0 and self.host_cores > 0:
+            return max(1.0, min(world, self.host_devices) / self.host_cores)
+        return 1.0
 
     def link(self, group: int, nodes: int, concurrent: int = 1) -> tuple[float, float]:
         """(latency per step, bandwidth) of a collective over `group` ranks spread over `nodes` nodes, while
@@ -414,6 +430,9 @@ def cpu_host_fields(host_devices: int, host_rates: tuple[float, float, float] | 
         "optimizer_efficiency": opt_eff,
         "foreach_slowdown": foreach,
         "straggler": OVERSUBSCRIBED_STRAGGLER if host_devices > _cores() else 0.0,
+        "host_cores": _cores(),
+        "host_call_overhead": CPU_FSDP_CALL_OVERHEAD,
+        "host_tensor_overhead": CPU_DTENSOR_STEP_OVERHEAD,
     }
 
 
@@ -497,6 +516,12 @@ CPU_FOREACH_SLOWDOWN = 4.5
 # Ranks sharing too few cores: the slowest one's emulated compute runs about 5% late (8 ranks on 2 cores;
 # docs/plan.md), and every synchronizing collective waits for it.
 OVERSUBSCRIBED_STRAGGLER = 0.05
+# Host work of CPU ranks that the traffic model leaves out, per rank with a core of its own (times
+# `host_share` when ranks outnumber the cores): FSDP2's hooks and views around each collective call,
+# and the optimizer step's per-tensor bookkeeping on DTensor parameters (the gradient norm, fused
+# AdamW's step counters). Measured on a 2-core EPYC (docs/plan.md).
+CPU_FSDP_CALL_OVERHEAD = 0.5e-3
+CPU_DTENSOR_STEP_OVERHEAD = 80e-6
 OPTIMIZER_BYTES_PER_PARAM = 28  # fused AdamW, fp32: reads param, grad, exp_avg, exp_avg_sq; writes three
 
 

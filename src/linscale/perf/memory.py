@@ -45,9 +45,9 @@ every step but the first (DDP's buckets, gradient accumulation). The trace recor
   - zero2 (no reshard after forward): every parameter stays gathered from forward to backward; in
     backward the root's unsharded gradients and one block's unsharded gradients and reduce-scatter
     input;
-  - the optimizer step: foreach AdamW (the sharded strategies' DTensor parameters) allocates one
-    fp32 buffer as large as the largest parameter group's local states (`_foreach_sqrt`); the fused
-    kernel (ddp, zero1, one process) none.
+  - the optimizer step: the fused AdamW kernel (optim.impl=auto on CPU and CUDA, plain and DTensor
+    parameters alike) allocates nothing; foreach AdamW (optim.impl=foreach) one fp32 buffer as large
+    as the largest parameter group's local states (`_foreach_sqrt`).
 * the peak, the largest of three moments, each with the model states (counted at every moment:
   gradients live through accumulation, DDP's buckets are never freed) and the buffers:
   - the end of forward: the activations, autocast's cache and the forward's traced excess;
@@ -427,11 +427,11 @@ def _strategy_buffers(
     return fwd, bwd
 
 
-def _optimizer_buffer(tr: ModelTrace, strategy: str, world: int, nodes: int, rank: int) -> int:
+def _optimizer_buffer(tr: ModelTrace, strategy: str, world: int, nodes: int, rank: int, impl: str) -> int:
     """foreach AdamW's temporary (one buffer like the largest group's exp_avg_sq); fused: none."""
-    if world <= 1 or strategy not in SHARDED:
-        return 0  # fused AdamW (build_optimizer's choice for plain tensors) allocates nothing
-    parts = world // nodes if strategy == "hsdp" else world
+    if impl != "foreach":
+        return 0  # fused AdamW (build_optimizer's choice on CPU and CUDA) allocates nothing
+    parts = 1 if world <= 1 or strategy not in SHARDED else world // nodes if strategy == "hsdp" else world
     es = tr.param_element_size
     groups = [0, 0]
     for shape, t in zip(tr.param_shapes, tr.param_trainable, strict=True):
@@ -454,8 +454,11 @@ def estimate(
     *,
     gradient_as_bucket_view: bool = True,
     comm_hook: str = "none",
+    optimizer_impl: str = "fused",
 ) -> MemoryEstimate:
     """Bytes on one device of `world` (`rank`, default: the one holding the most) for `strategy`.
+
+    `optimizer_impl`: the AdamW kernel, fused (optim.impl=auto on CPU and CUDA) or foreach.
 
     >>> e = estimate(trace(task, "bf16-mixed"), "zero3", world=8, micro_batch=4, precision="bf16-mixed")
     >>> e.peak / 2**30, e.peak_at  # doctest: +SKIP
@@ -496,7 +499,7 @@ def estimate(
     else:
         backward_at, bwd = "start of backward", {"backward transients": bwd_extra}
     bwd.update(bwd_buf)
-    step = {"optimizer step buffer": _optimizer_buffer(tr, strategy, world, nodes, rank)}
+    step = {"optimizer step buffer": _optimizer_buffer(tr, strategy, world, nodes, rank, optimizer_impl)}
     moments = [
         (backward_at, held + acts + sum(bwd.values()), bwd),
         ("end of forward", held + acts + sum(fwd.values()), fwd),

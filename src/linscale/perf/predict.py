@@ -28,6 +28,7 @@ docs/plan.md gives the formulas and the limits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -284,14 +285,17 @@ def _ddp_microstep(c: _Compute, buckets, ar_times, hook_times) -> tuple[float, f
 
 
 class _Timeline:
-    """A compute cursor and one communication queue; `blocking`: each collective holds the compute thread."""
+    """A compute cursor and one communication queue; `blocking`: each collective holds the compute thread;
+    `host`: seconds of the training thread's own work after each collective call (CPU ranks)."""
 
-    def __init__(self, blocking: bool) -> None:
+    def __init__(self, blocking: bool, host: float = 0.0) -> None:
         self.blocking = blocking
+        self.host = host
         self.c = 0.0  # when compute is free
         self.q = 0.0  # when the communication queue is free
         self.busy = 0.0  # seconds of compute
         self.comm = 0.0  # seconds of communication
+        self.host_busy = 0.0  # seconds of host work around the collectives
 
     def collective(self, seconds: float, issued: float) -> float:
         start = max(self.q, issued, self.c if self.blocking else 0.0)
@@ -299,6 +303,9 @@ class _Timeline:
         self.comm += seconds
         if self.blocking:
             self.c = self.q
+        if self.host:
+            self.run(self.host)
+            self.host_busy += self.host
         return self.q
 
     def run(self, seconds: float, after: float = 0.0) -> float:
@@ -307,11 +314,13 @@ class _Timeline:
         return self.c
 
 
-def _fsdp_microstep(c: _Compute, costs: dict[str, Any], zero3: bool, sync: bool, blocking: bool) -> tuple[float, float]:
-    """(seconds, communication seconds) of one FSDP2 micro-step: the root's and each block's all-gather in
+def _fsdp_microstep(
+    c: _Compute, costs: dict[str, Any], zero3: bool, sync: bool, blocking: bool
+) -> tuple[float, float, float]:
+    """(seconds, communication seconds, host seconds) of one FSDP2 micro-step: the root's and each block's all-gather in
     forward (next block prefetched, at most two blocks unsharded), again in backward for zero3, and when
     `sync` each block's reduce-scatter (and hsdp all-reduce) after its backward, the root's last."""
-    tl = _Timeline(blocking)
+    tl = _Timeline(blocking, costs.get("host", 0.0))
     n = len(c.fwd)
     ag, rs, ag_root, rs_root = costs["ag"], costs["rs"], costs["ag_root"], costs["rs_root"]
     # forward: the root's gather, then the blocks; the rest's compute counts at the model's output
@@ -341,7 +350,7 @@ def _fsdp_microstep(c: _Compute, costs: dict[str, Any], zero3: bool, sync: bool,
             tl.collective(rs[i], done[i])
     if sync:
         tl.collective(rs_root, tl.c)
-    return max(tl.c, tl.q), tl.comm
+    return max(tl.c, tl.q), tl.comm, tl.host_busy
 
 
 @dataclass
@@ -352,7 +361,8 @@ class _Comm:
     exposed: float = 0.0
     owned: int = 0  # parameters whose AdamW states this rank updates
     held: int = 0  # gradients this rank holds (clipped)
-    foreach: bool = False  # the optimizer runs the foreach kernel (sharded strategies' DTensors)
+    host: float = 0.0  # seconds of the training thread's own work around the collectives (CPU ranks)
+    dtensors: int = 0  # sharded (DTensor) parameters: the optimizer step's per-tensor host work
     breakdown: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -435,15 +445,19 @@ def _fsdp_comm(tr, cluster, kind, world, nodes, c, accum, precision, reduce_dtyp
     blocks = [unit(shapes) for shapes in tr.block_param_shapes]
     ag_root, rs_root = unit(tr.other_param_shapes)
     costs = {"ag": [a for a, _ in blocks], "rs": [r for _, r in blocks], "ag_root": ag_root, "rs_root": rs_root}
+    costs["host"] = cluster.host_call_overhead * cluster.host_share(world)
     zero3 = kind in ("zero3", "hsdp")
     blocking = not cluster.overlap_sharded
     lag = c.scaled(1 + cluster.straggler)  # the slowest rank sets the pace at every collective
-    last, comm_last = _fsdp_microstep(lag, costs, zero3, sync=True, blocking=blocking)
-    other, comm_other = _fsdp_microstep(lag, costs, zero3, sync=False, blocking=blocking) if accum > 1 else (0, 0)
+    last, comm_last, host_last = _fsdp_microstep(lag, costs, zero3, sync=True, blocking=blocking)
+    other, comm_other, host_other = (
+        _fsdp_microstep(lag, costs, zero3, sync=False, blocking=blocking) if accum > 1 else (0, 0, 0)
+    )
     owned = math.ceil(_padded(_all_shapes(tr), shard) / shard)
-    out = _Comm(owned=owned, held=owned, foreach=True)
+    out = _Comm(owned=owned, held=owned, dtensors=len(_all_shapes(tr)))
     out.comm = comm_last + (accum - 1) * comm_other
-    out.exposed = last + (accum - 1) * other - accum * c.total
+    out.host = host_last + (accum - 1) * host_other
+    out.exposed = last + (accum - 1) * other - accum * c.total - out.host
     gathers = (2 if zero3 else 1) * accum
     for k, v in one_pass.items():
         out.add(k, v * (gathers if k == "all-gather" else 1))
@@ -474,10 +488,12 @@ def predict_step(
     memory: bool = True,
     comm_hook: str = "none",
     memory_fn: Callable[..., Any] | None = None,
+    optimizer_impl: str = "fused",
 ) -> StepPrediction:
     """The predicted optimizer step of `strategy` on `world` devices of `cluster` (nodes filled in order).
 
     `global_batch` samples per step, `micro_batch` per forward/backward (the accumulation follows).
+    `optimizer_impl`: the AdamW kernel, fused (optim.impl=auto on CPU and CUDA) or foreach.
     `memory`: also estimate the memory per device (linscale.perf.memory.estimate, or `memory_fn`)."""
     from linscale.train.batching import plan_batch
 
@@ -502,20 +518,20 @@ def predict_step(
     c = _compute(tr, cluster, precision, plan.micro_batch, activation_checkpointing)
     accum = plan.accum_steps
     if world == 1:
-        # One process: the model is not wrapped, nothing is communicated (train/optim.py still picks the
-        # foreach kernel for a sharded strategy).
-        comm = _Comm(owned=tr.num_params, held=tr.num_params, foreach=kind in SHARDED)
+        # One process: the model is not wrapped, nothing is communicated.
+        comm = _Comm(owned=tr.num_params, held=tr.num_params)
         comm.notes.append("one process: the model is not wrapped and nothing is communicated")
     elif kind in ("ddp", "zero1"):
         comm = _ddp_comm(tr, cluster, kind, world, nodes, c, accum, bucket_mb, comm_hook)
     else:
         comm = _fsdp_comm(tr, cluster, kind, world, nodes, c, accum, precision, reduce_dtype)
-    compute = accum * c.total
+    compute = accum * c.total + comm.host
     opt_bytes = OPTIMIZER_BYTES_PER_PARAM * comm.owned + CLIP_BYTES_PER_GRAD * comm.held
     if precision == "fp16-mixed":
         opt_bytes += SCALER_BYTES_PER_GRAD * comm.held
     opt_rate = cluster.mem_rate(world) * cluster.optimizer_efficiency
-    optimizer = opt_bytes / opt_rate * (cluster.foreach_slowdown if comm.foreach else 1.0)
+    optimizer = opt_bytes / opt_rate * (cluster.foreach_slowdown if optimizer_impl == "foreach" else 1.0)
+    optimizer += comm.dtensors * cluster.host_tensor_overhead * cluster.host_share(world)
     exposed = max(0.0, comm.exposed)
     step = compute + exposed + optimizer
     samples = plan.global_batch / step
@@ -541,7 +557,7 @@ def predict_step(
         notes=comm.notes,
     )
     if memory or memory_fn is not None:
-        pred.memory = (memory_fn or _estimate)(
+        pred.memory = (memory_fn or functools.partial(_estimate, optimizer_impl=optimizer_impl))(
             tr,
             strategy,
             world=world,

@@ -16,6 +16,7 @@ The model's repeated blocks come from the task (`Task.blocks`); nothing here nam
 
 import contextlib
 import functools
+import math
 import time
 from dataclasses import dataclass
 
@@ -378,3 +379,50 @@ def model_state_memory(model: nn.Module, optimizer: torch.optim.Optimizer) -> di
         "grads": local_bytes(p.grad for p in params),
         "optimizer": local_bytes(states),
     }
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale the gradients so that their global L2 norm is at most `max_norm`; returns that norm (fp32).
+
+    The same figure as `torch.nn.utils.clip_grad_norm_`, for plain and sharded (DTensor) gradients
+    alike, with one reduction per group of sharded gradients: the local shards' norms come from one
+    foreach kernel, their squares are summed over the mesh dimensions the gradients are sharded on
+    (hsdp: the shard dimension only; the replicas already hold equal gradients), the replicated
+    gradients' norm is added once, and the scaling runs on the local shards. torch's version
+    dispatches each DTensor on its own, which costs more than the arithmetic for small shards.
+    `max_norm` inf: only the norm (nothing is scaled)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import Shard
+
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    grads = [p.grad for p in params]
+    if any(isinstance(g, DTensor) and any(pl.is_partial() for pl in g.placements) for g in grads):
+        # Gradients not yet reduced (no strategy of linscale leaves them so): torch's version.
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        if isinstance(g, DTensor):
+            dims = tuple(i for i, pl in enumerate(g.placements) if isinstance(pl, Shard))
+            groups.setdefault((g.device_mesh, dims), []).append(g.to_local())
+        else:
+            groups.setdefault((None, ()), []).append(g)
+    total = None
+    for (mesh, dims), tensors in groups.items():
+        sq = torch.nn.utils.get_total_norm(tensors, 2.0, foreach=True).float() ** 2
+        for dim in dims:
+            dist.all_reduce(sq, group=mesh.get_group(dim))
+        total = sq if total is None else total + sq.to(total.device)
+    norm = total.sqrt()
+    if math.isinf(max_norm):
+        return norm
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    for tensors in groups.values():
+        for t in tensors:
+            by_kind.setdefault((t.device, t.dtype), []).append(t)
+    for (device, dtype), tensors in by_kind.items():
+        torch._foreach_mul_(tensors, scale.to(device, dtype))
+    return norm

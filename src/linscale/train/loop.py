@@ -28,7 +28,7 @@ from linscale.task import DataShard, Task, TaskError
 from linscale.train import checkpoint as ckptmod
 from linscale.train import metrics as mx
 from linscale.train.batching import BatchPlan, StepSampler, plan_batch, tokens_to_samples
-from linscale.train.optim import build_optimizer, build_scheduler, check_schedule, scaled_lr
+from linscale.train.optim import build_optimizer, build_scheduler, check_schedule, resolve_impl, scaled_lr
 from linscale.train.precision import Precision, check_combination, host_float, resolve_precision
 from linscale.train.rundir import default_run_dir, write_run_dir
 
@@ -299,6 +299,7 @@ def _predict(
             cfg.parallel.activation_checkpointing,
             cfg.parallel.bucket_mb,
             cfg.parallel.reduce_dtype,
+            resolve_impl(cfg.optim.impl, device.type),
         )
     except Exception as e:  # noqa: BLE001
         return {"prediction": f"n/a ({type(e).__name__}: {e})"}
@@ -449,8 +450,8 @@ def train_step(
     max_norm = grad_clip if grad_clip > 0 else math.inf if check_finite else 0.0
 
     def clip() -> torch.Tensor | None:
-        # The global norm: for sharded parameters clip_grad_norm_ reduces the shards' norms.
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True) if max_norm else None
+        # The global norm: for sharded parameters the shards' squared norms are summed in one reduction.
+        return parallel.clip_grad_norm(model.parameters(), max_norm) if max_norm else None
 
     # fp16-mixed unscales before clipping and skips a step with inf/NaN gradients, and so does a
     # non-finite check; the LR schedule follows the step number either way.

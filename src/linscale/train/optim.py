@@ -21,18 +21,22 @@ def build_optimizer(
     ]
     groups = [g for g in groups if g["params"]]
     kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    impl = cfg.impl
-    if impl == "auto":
-        # The fused kernel takes plain tensors; sharded parameters are DTensors.
-        sharded = strategy in ("zero2", "zero3", "fsdp", "hsdp")
-        impl = "fused" if device_type in ("cuda", "cpu") and not sharded else "foreach"
-    kwargs["fused" if impl == "fused" else "foreach"] = True
+    kwargs["fused" if resolve_impl(cfg.impl, device_type) == "fused" else "foreach"] = True
     if strategy == "zero1" and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 
         # Each rank keeps and updates the AdamW states of its share of the parameters only.
         return ZeroRedundancyOptimizer(groups, optimizer_class=torch.optim.AdamW, **kwargs)
     return torch.optim.AdamW(groups, **kwargs)
+
+
+def resolve_impl(impl: str, device_type: str) -> str:
+    """The AdamW kernel for optim.impl: auto is one fused kernel per parameter group on CPU and CUDA,
+    also for sharded (DTensor) parameters, whose local shards it updates in one call (foreach would
+    dispatch every DTensor on its own); foreach elsewhere."""
+    if impl == "auto":
+        return "fused" if device_type in ("cuda", "cpu") else "foreach"
+    return impl
 
 
 def scaled_lr(cfg: OptimConfig, global_batch: int, default_batch: int) -> tuple[float, str]:
