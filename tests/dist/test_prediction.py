@@ -31,3 +31,22 @@ def test_auto_micro_batch_lr_rule_and_predictions_in_the_summary(linscale):
     measured = sum(s[f"model_state_{k}_mb"] for k in ("params", "grads", "optimizer"))
     assert s["predicted_model_state_mb"] == pytest.approx(measured, rel=0.01)
     assert abs(s["model_state_error_pct"]) < 1
+    assert s["prediction_efficiency_source"].startswith("default")
+
+
+def test_a_run_calibrates_the_next_runs_compute(linscale):
+    args = ["train", "gpt", *TINY_GPT, "--train.global_batch=8", "--checkpoint.at_end=false", "--runtime.profile=auto"]
+    args += ["--nproc-per-node=1", "--train.micro_batch=8"]
+    s = linscale(*args, "--train.max_steps=10").summary()
+    # Nothing calibrated this configuration yet: the typical efficiency, and this run records what it reached.
+    assert s["prediction_efficiency_source"].startswith("default") and s["prediction_efficiency"] == 0.5
+    assert 0 < s["calibrated_efficiency"] <= 1.5
+    # The next run of the same configuration predicts its compute at that efficiency: exactly the
+    # forward/backward time the first run measured.
+    again = linscale(*args, "--train.max_steps=6").summary()
+    assert again["prediction_efficiency_source"].startswith("calibrated")
+    assert again["prediction_efficiency"] == pytest.approx(s["calibrated_efficiency"])
+    assert again["predicted_compute_ms"] == pytest.approx(s["time_fwd_bwd_ms"], rel=1e-6)
+    # Another configuration (micro-batch) is not calibrated by it.
+    other = linscale(*args, "--train.max_steps=2", "--train.micro_batch=2").summary()
+    assert other["prediction_efficiency_source"].startswith("default")

@@ -187,6 +187,20 @@ def test_cpu_ranks_host_work_grows_with_the_ranks_sharing_a_core():
     assert ddp[1].optimizer == pytest.approx(ddp[0].optimizer) and ddp[1].compute == pytest.approx(ddp[0].compute)
 
 
+def test_zero1_broadcasts_one_bucket_per_rank_after_the_step():
+    tr = trace(blocks=4, block_shapes=[(1000, 1000)], other=())
+    nbytes, alpha, bw = 4 * tr.num_params, 1e-4, 1e9
+    for backend, waves, pipelined in (("gloo", 4, False), ("nccl", 8, True)):
+        c = cluster(nodes=2, devices_per_node=4, backend=backend, intra_latency=alpha, inter_latency=alpha,
+                    intra_bw=bw, inter_bw=bw)  # fmt: skip
+        ddp, zero1 = (pr.predict_step(tr, c, s, 8, 8, 1, memory=False) for s in ("ddp", "zero1"))
+        # 8 buckets of 1/8 of the parameters, each a broadcast to the 8 ranks (3 rounds of a tree);
+        # gloo's two worker threads take them two at a time, NCCL's stream one at a time, pipelined.
+        one = pr.broadcast(nbytes / 8, 8, alpha, bw, pipelined)
+        assert zero1.breakdown["broadcast"] == pytest.approx(waves * one)
+        assert zero1.comm_exposed - ddp.comm_exposed == pytest.approx(waves * one)
+
+
 # --- sharded strategies: gloo blocks, NCCL overlaps ---
 
 
@@ -362,11 +376,15 @@ def test_ring_fit_recovers_latency_and_bandwidth_from_a_sweep():
 
 def test_load_cluster_reads_doctor_reports_profiles_and_names(tmp_path, monkeypatch):
     monkeypatch.setattr(cl, "cpu_host_rates", lambda: (10e9, 1.0, 3.0))
+    monkeypatch.setattr(cl, "cpu_thread_copy_rate", lambda: 4e9)
     report = tmp_path / "doctor.json"
     report.write_text(json.dumps(doctor_report()))
     p = load_cluster(str(report), emulate_tflops=0.5)
     assert p.peak_flops == {"fp32": 0.5e12, "bf16": 0.5e12, "fp16": 0.5e12} and p.efficiency == 1.0
     assert p.mem_bandwidth == 10e9
+    # a rank's copies run on its own threads: at most their rate, however few ranks share the host
+    assert p.rank_bandwidth == 4e9 * max(1, cl._cores() // p.host_devices)
+    assert p.mem_rate(1) == min(10e9, p.rank_bandwidth)
     assert load_cluster("8xh100-ib", nodes=4).world == 32
     custom = tmp_path / "mine.json"
     custom.write_text(json.dumps({"base": "dgx-v100", "nodes": 3, "inter_bw": 12.5e9}))

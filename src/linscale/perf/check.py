@@ -12,10 +12,20 @@ a matrix-product probe on CPUs; `runtime.emulate_tflops` when set, at efficiency
 bandwidth, and the network as this job's process group sees it, from a short all-reduce probe at
 two sizes (the latency per ring step and the bus bandwidth). A profile name, a JSON profile or a
 `linscale doctor` report describe another machine instead (see docs/plan.md).
+
+The compute efficiency (achieved / peak FLOP/s of the model's forward and backward) of a real
+device is calibrated by the runs themselves: each run with `runtime.profile=auto` records the
+efficiency its forward/backward reached, per device, compute dtype, threads, ranks sharing the
+machine, task, model FLOPs and micro-batch, in the user's cache folder; the next run of that
+configuration predicts with it (`prediction_efficiency_source` says which). Without one, a typical
+DEFAULT_EFFICIENCY stands in.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any
 
 import torch
@@ -53,7 +63,8 @@ def probe_network(device: Device, topo: Topology, budget_s: float = 0.1) -> tupl
 
 
 def this_machine(device: Device, topo: Topology, compute_dtype: str, emulate_tflops: float, network):
-    """A ClusterProfile of the machine and job this process runs in."""
+    """A ClusterProfile of the machine and job this process runs in (its `source`: "auto", and for a
+    real device the calibration key's prefix after a "|")."""
     from linscale.perf.clusters import ClusterProfile
 
     if emulate_tflops:
@@ -84,7 +95,50 @@ def this_machine(device: Device, topo: Topology, compute_dtype: str, emulate_tfl
         overlap_sharded=device.backend == "nccl",
         backend=device.backend,
     )
+    if not emulate_tflops:
+        ranks = host.get("host_devices", topo.local_world_size)
+        fields["source"] = f"auto|{device.name}|{compute_dtype}|{device.threads} threads|{ranks} ranks"
     return ClusterProfile(**{**fields, **host})
+
+
+def _efficiency_file():
+    from linscale.runtime.device import _cache_file
+
+    return _cache_file().with_name("efficiency.json")
+
+
+def _calibration_key(profile, task_name: str, flops_per_sample: float, micro_batch: int) -> str | None:
+    if not profile.source.startswith("auto|"):
+        return None
+    return f"{profile.source[5:]}|{task_name}|{flops_per_sample:.6g} FLOP/sample|micro-batch {micro_batch}"
+
+
+def calibrated_efficiency(key: str | None) -> float | None:
+    """The efficiency an earlier run of this configuration reached on this machine, if one did."""
+    if key is None:
+        return None
+    try:
+        value = json.loads(_efficiency_file().read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and 0 < value <= 1.5 else None
+
+
+def remember_efficiency(key: str, value: float) -> None:
+    """Record a run's achieved efficiency for the next prediction (a read-only home only skips it)."""
+    path = _efficiency_file()
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def ranks_on_this_machine(topo: Topology) -> int:
@@ -128,6 +182,10 @@ def predict_run(
     from linscale.perf.predict import predict_step
 
     tr = trace(task, precision)
+    key = _calibration_key(profile, type(task).__name__, tr.flops_per_sample, micro_batch)
+    calibrated = calibrated_efficiency(key)
+    if calibrated is not None:
+        profile = dataclasses.replace(profile, efficiency=calibrated)
     p = predict_step(
         tr,
         profile,
@@ -152,12 +210,34 @@ def predict_run(
         out["predicted_model_state_mb"] = (m.params + m.grads + m.optimizer) / 2**20
         out["predicted_peak_memory_gb"] = m.peak / 2**30
     out["prediction_profile"] = profile.name
+    out["prediction_efficiency"] = profile.efficiency
+    out["prediction_efficiency_source"] = (
+        "emulated device"
+        if profile.efficiency == 1.0 and "emulated" in profile.name
+        else "calibrated by an earlier run of this configuration"
+        if calibrated is not None
+        else f"default {DEFAULT_EFFICIENCY:g} (uncalibrated: this run calibrates the next)"
+        if key is not None
+        else "the profile's"
+    )
+    if key is not None:  # for `compare`, not the summary
+        out["_calibration"] = {"key": key, "flop_ms": 1e3 * (p.compute - p.host)}
     return out
 
 
 def compare(summary: dict[str, Any], predicted: dict[str, Any]) -> dict[str, Any]:
-    """The predicted entries with the errors against what the run measured."""
+    """The predicted entries with the errors against what the run measured. A run on this machine's real
+    device (runtime.profile=auto) records the efficiency its forward/backward reached for the next one."""
     out = dict(predicted)
+    calibration = out.pop("_calibration", None)
+    fwd_bwd = summary.get("time_fwd_bwd_ms")
+    if calibration and isinstance(fwd_bwd, float):
+        # The predicted FLOP time took the profile's efficiency: what was reached scales with the ratio
+        # of that time to the measured forward/backward (less the predicted host work around collectives).
+        flop_ms = fwd_bwd - (out["predicted_compute_ms"] - calibration["flop_ms"])
+        if flop_ms > 0 and calibration["flop_ms"] > 0:
+            out["calibrated_efficiency"] = out["prediction_efficiency"] * calibration["flop_ms"] / flop_ms
+            remember_efficiency(calibration["key"], out["calibrated_efficiency"])
     measured = summary.get("steady_step_time_ms")
     if isinstance(measured, float) and measured > 0 and "predicted_step_time_ms" in out:
         out["step_time_error_pct"] = 100 * (out["predicted_step_time_ms"] - measured) / measured

@@ -63,6 +63,9 @@ class ClusterProfile:
     #: How much longer the slowest rank's compute takes than the stated time: every synchronizing
     #: collective waits for it (0 for devices that keep pace; CPU ranks sharing too few cores lag).
     straggler: float = 0.0
+    #: Bytes/s one device's own copies reach at most (CPU ranks: their threads' copy rate; 0: no limit
+    #: beyond the shared `mem_bandwidth`).
+    rank_bandwidth: float = 0.0
     #: Cores the `host_devices` share (0: each device has its own): host work of ranks that outnumber
     #: them runs that much slower (all ranks do it at once, between the same collectives).
     host_cores: int = 0
@@ -110,9 +113,10 @@ class ClusterProfile:
 
     def mem_rate(self, world: int) -> float:
         """Bytes/s of memory traffic one device gets while `world` devices work at once."""
+        rate = self.mem_bandwidth
         if self.host_devices > 0:
-            return self.mem_bandwidth / max(1, min(world, self.host_devices))
-        return self.mem_bandwidth
+            rate /= max(1, min(world, self.host_devices))
+        return min(rate, self.rank_bandwidth) if self.rank_bandwidth > 0 else rate
 
     def host_share(self, world: int) -> float:
         """How much slower host work runs while `world` devices do it at once (1: a core each)."""
@@ -424,9 +428,11 @@ def cpu_host_fields(host_devices: int, host_rates: tuple[float, float, float] | 
     bandwidth and cores): the machine's copy rate, the AdamW kernels' rates (`cpu_host_rates`, or
     `host_rates`), and the lag of the slowest rank when they outnumber the cores."""
     copy_bw, opt_eff, foreach = host_rates or cpu_host_rates()
+    threads = max(1, _cores() // max(1, host_devices))  # runtime/device.py's default threads per rank
     return {
         "host_devices": host_devices,
         "mem_bandwidth": copy_bw,
+        "rank_bandwidth": 0.0 if host_rates else threads * cpu_thread_copy_rate(),
         "optimizer_efficiency": opt_eff,
         "foreach_slowdown": foreach,
         "straggler": OVERSUBSCRIBED_STRAGGLER if host_devices > _cores() else 0.0,
@@ -461,15 +467,27 @@ def cpu_host_rates() -> tuple[float, float, float]:
     """(copy bytes/s, fused AdamW / copy rate, foreach / fused time) of this machine with all its threads.
 
     CPU ranks' optimizer steps and FSDP's buffer copies run at these rates, shared among the ranks of the
-    machine. Measured once per machine, on an idle machine, and remembered (runtime/device.py's cache):
-    ranks of one machine take turns (a file lock), and a measurement taken while the cores are busy (other
-    ranks starting, another job) is used once but not remembered."""
+    machine (`_host_rate_table`)."""
+    rates = _host_rate_table()
+    copy_bw, fused, foreach = rates["copy"], rates["fused"], rates["foreach"]
+    return copy_bw, min(1.5, fused / copy_bw), max(1.0, fused / foreach)
+
+
+def cpu_thread_copy_rate() -> float:
+    """Bytes/s one thread of this machine copies: a rank's own copies run at most at its threads' rate."""
+    return _host_rate_table()["copy-1-thread"]
+
+
+def _host_rate_table() -> dict[str, float]:
+    """This machine's copy and AdamW rates, measured once per machine, on an idle machine, and remembered
+    (runtime/device.py's cache): ranks of one machine take turns (a file lock), and a measurement taken
+    while the cores are busy (other ranks starting, another job) is used once but not remembered."""
     import fcntl
 
     from linscale.runtime.device import _cache_file, _cached_measure, _cpu_name
 
     key = f"host-rates|{_cpu_name()}|{socket.gethostname()}"
-    kinds = ("copy", "fused", "foreach")
+    kinds = ("copy", "fused", "foreach", "copy-1-thread")
     lock = _cache_file().with_name("host-rates.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "w") as f:
@@ -485,13 +503,14 @@ def cpu_host_rates() -> tuple[float, float, float]:
                 rates = [_cached_measure(f"{key}|{k}", lambda k=k: _rate(k)) for k in kinds]
             else:
                 # Multi-threaded optimizer kernels measured beside other work are far off; the copy rate
-                # holds up. Typical ratios (a 2-core EPYC, idle: fused 0.8 of the copy rate, foreach 4.5x slower).
+                # holds up. Typical ratios (a 2-core EPYC, idle: fused 0.8 of the copy rate, foreach 4.5x
+                # slower, one thread half the copy rate of two).
                 copy_bw = _rate("copy")
-                rates = [copy_bw, CPU_FUSED_SHARE * copy_bw, CPU_FUSED_SHARE * copy_bw / CPU_FOREACH_SLOWDOWN]
+                fused = CPU_FUSED_SHARE * copy_bw
+                rates = [copy_bw, fused, fused / CPU_FOREACH_SLOWDOWN, copy_bw / max(1, _cores())]
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-    copy_bw, fused, foreach = rates
-    return copy_bw, min(1.5, fused / copy_bw), max(1.0, fused / foreach)
+    return dict(zip(kinds, rates, strict=True))
 
 
 def _busy(seconds: float = 0.2) -> float:
@@ -520,17 +539,25 @@ OVERSUBSCRIBED_STRAGGLER = 0.05
 # `host_share` when ranks outnumber the cores): FSDP2's hooks and views around each collective call,
 # and the optimizer step's per-tensor bookkeeping on DTensor parameters (the gradient norm, fused
 # AdamW's step counters). Measured on a 2-core EPYC (docs/plan.md).
-CPU_FSDP_CALL_OVERHEAD = 0.5e-3
+CPU_FSDP_CALL_OVERHEAD = 2e-3
 CPU_DTENSOR_STEP_OVERHEAD = 80e-6
 OPTIMIZER_BYTES_PER_PARAM = 28  # fused AdamW, fp32: reads param, grad, exp_avg, exp_avg_sq; writes three
 
 
 def _rate(kind: str, numel: int = 8 * 2**20, reps: int = 7) -> float:
-    """Bytes/s of a large copy (read + write) or of an AdamW step (28 bytes per fp32 parameter)."""
+    """Bytes/s of a large copy (read + write; "copy-1-thread": on one thread) or of an AdamW step (28 bytes
+    per fp32 parameter)."""
     import time
 
     import torch
 
+    if kind == "copy-1-thread":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _rate("copy", numel, reps)
+        finally:
+            torch.set_num_threads(threads)
     if kind == "copy":
         src = torch.ones(numel)
         dst = torch.empty_like(src)

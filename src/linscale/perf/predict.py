@@ -45,6 +45,9 @@ FIT = 0.9  # a configuration fits when its estimated peak is at most this fracti
 TIE = 0.01  # step times within 1% count as equal: the simpler configuration wins
 
 
+#: Worker threads of a gloo process group (ProcessGroupGloo's default): asynchronous collectives run this many at once.
+GLOO_THREADS = 2
+
 # --- collective costs (seconds) ---------------------------------------------------------------------------
 
 
@@ -117,6 +120,14 @@ class Network:
         alpha, bw = self.cluster.link(g.size, g.nodes, g.concurrent)
         return broadcast(nbytes, g.size, alpha, bw, pipelined=self.tree)
 
+    def bucket_broadcasts(self, nbytes: float, g: Group) -> float:
+        """Every rank broadcasts its 1/n share of `nbytes` (ZeroRedundancyOptimizer's parameter buckets), all
+        issued at once: NCCL runs them one after another on its stream, gloo GLOO_THREADS at a time."""
+        if g.size <= 1:
+            return 0.0
+        waves = g.size if self.tree else math.ceil(g.size / GLOO_THREADS)
+        return waves * self.broadcast(nbytes / g.size, g)
+
 
 # --- the prediction -----------------------------------------------------------------------------------------
 
@@ -144,6 +155,8 @@ class StepPrediction:
     #: Seconds per kind of collective in one step ("all-reduce", "all-gather", ...).
     breakdown: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Seconds of `compute` that are the training thread's host work around collectives (CPU ranks), not FLOPs.
+    host: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "memory"}
@@ -405,11 +418,11 @@ def _ddp_comm(tr, cluster, kind, world, nodes, c, accum, bucket_mb, comm_hook) -
         out.exposed += bcast
         out.notes.append(f"DDP broadcasts {buffers / 2**20:.3g} MiB of buffers from rank 0 once per step")
     if kind == "zero1":
-        bcast = sum(net.broadcast(4 * math.prod(tuple(s) or (1,)), group) for s in _all_shapes(tr))
+        bcast = net.bucket_broadcasts(4 * tr.num_params, group)
         out.add("broadcast", bcast)
         out.comm += bcast
         out.exposed += bcast
-        out.notes.append("zero1: every parameter broadcast from the rank that updated it, after the step")
+        out.notes.append("zero1: each rank broadcasts its bucket of updated parameters after the step")
     return out
 
 
@@ -555,6 +568,7 @@ def predict_step(
         activation_checkpointing=activation_checkpointing,
         breakdown=comm.breakdown,
         notes=comm.notes,
+        host=comm.host,
     )
     if memory or memory_fn is not None:
         pred.memory = (memory_fn or functools.partial(_estimate, optimizer_impl=optimizer_impl))(
