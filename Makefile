@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_preprocess.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
 	$(BIN)/python benchmarks/bench_images.py
+	$(BIN)/python benchmarks/bench_optimizer_step.py
 	$(BIN)/python benchmarks/bench_prediction.py
 
 clean:
