@@ -1,9 +1,13 @@
 """Strategy choice and model-state arithmetic, without processes."""
 
+import math
+
 import pytest
+import torch
+from torch import nn
 
 from linscale.config import ConfigError, ParallelConfig
-from linscale.runtime.parallel import choose_strategy, describe_communication, model_state_bytes
+from linscale.runtime.parallel import choose_strategy, clip_grad_norm, describe_communication, model_state_bytes
 
 GIB = 2**30
 
@@ -53,3 +57,23 @@ def test_the_summary_says_what_each_strategy_sends():
     assert "forward and backward" in describe_communication("zero3", base, 2)
     hsdp = describe_communication("hsdp", ParallelConfig(reduce_dtype="bf16"), 4, nodes=2)
     assert "reduce-scatter in bf16 inside each node" in hsdp and "across the 2 nodes" in hsdp
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, math.inf])
+def test_clip_grad_norm_matches_torch_on_plain_gradients(max_norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    model[1].bias.requires_grad_(False)  # a parameter without a gradient is left out
+    model(torch.randn(3, 8)).square().sum().backward()
+    ref = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    holders = [nn.Parameter(torch.zeros_like(g)) for g in ref]
+    for h, g in zip(holders, ref, strict=True):
+        h.grad = g
+    want = torch.nn.utils.clip_grad_norm_(holders, max_norm)
+    norm = clip_grad_norm(model.parameters(), max_norm)
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(want.item(), rel=1e-6)
+    got = [p.grad for p in model.parameters() if p.grad is not None]
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    assert model[1].bias.grad is None
+    assert clip_grad_norm([nn.Parameter(torch.ones(2))], 1.0).item() == 0.0  # no gradients: norm 0
