@@ -152,3 +152,20 @@ def test_gpu_names_match_whole_words_only(name):
 def test_unknown_gpu_peak_is_nan():
     value, source = devmod.Device("cuda", 0, "nccl", "Mystery GPU 9000", 1).peak_flops("fp32")
     assert math.isnan(value) and "GPU_PEAK_FLOPS" in source
+
+
+@pytest.mark.parametrize(
+    ("name", "bandwidth"),
+    [
+        ("NVIDIA A100-SXM4-80GB", 2.04e12),  # the key's words apart in the name: "A100 ... 80GB"
+        ("NVIDIA A100 80GB PCIe", 2.04e12),
+        ("NVIDIA A100-SXM4-40GB", 1.56e12),
+        ("NVIDIA H100 PCIe", 2.0e12),
+        ("NVIDIA H100 80GB HBM3", 3.35e12),
+    ],
+)
+def test_gpu_memory_bandwidth_from_the_data_sheet(name, bandwidth):
+    assert devmod.Device("cuda", 0, "nccl", name, 1).memory_bandwidth() == bandwidth
+    assert devmod.gpu_data_sheet(name)[1] == bandwidth
+    with pytest.raises(KeyError, match="GPU_PEAK_FLOPS"):
+        devmod.gpu_data_sheet("Mystery GPU 9000")

@@ -140,8 +140,16 @@ class ClusterProfile:
 PRECISION_OF_DTYPE = {"fp32": "fp32", "bf16": "bf16-mixed", "fp16": "fp16-mixed"}
 
 
-# Built-in profiles. Peak FLOP/s are dense (no sparsity) from the NVIDIA data sheets, the same figures
-# as runtime/device.py's GPU_PEAK_FLOPS; fp32 is the plain (non-TF32) rate, which PyTorch uses for fp32
+def _data_sheet(device: str) -> dict[str, Any]:
+    """The peak FLOP/s and memory bandwidth fields of a GPU from runtime/device.py's data-sheet tables."""
+    from linscale.runtime.device import gpu_data_sheet
+
+    peaks, bandwidth = gpu_data_sheet(device)
+    return {"peak_flops": peaks, "mem_bandwidth": bandwidth}
+
+
+# Built-in profiles. Peak FLOP/s and memory bandwidths are runtime/device.py's data-sheet tables
+# (dense, no sparsity; the comments give the figures); fp32 is the plain (non-TF32) rate, which PyTorch uses for fp32
 # matrix products by default. Bandwidths are the data-sheet link rates per direction times the fraction
 # nccl-tests typically reach (about 80% of NVLink, 90% of InfiniBand/Ethernet); efficiencies are typical
 # model-FLOPs utilisations of dense transformer training, to be replaced by a calibrated figure
@@ -155,9 +163,8 @@ PROFILES: dict[str, ClusterProfile] = {
         device="H100 SXM5 80GB",
         # NVIDIA H100 Tensor Core GPU data sheet: 989 TFLOP/s bf16/fp16 dense, 67 TFLOP/s fp32, 80 GB HBM3
         # at 3.35 TB/s.
-        peak_flops={"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+        **_data_sheet("H100 SXM5 80GB"),
         device_memory=80 * GB,
-        mem_bandwidth=3.35e12,
         # NVLink 4 through NVSwitch: 900 GB/s per GPU both directions, 450 GB/s each way; 80% of it.
         intra_bw=0.8 * 450 * GB,
         intra_latency=2e-6,
@@ -175,9 +182,8 @@ PROFILES: dict[str, ClusterProfile] = {
         devices_per_node=8,
         device="A100 SXM4 80GB",
         # NVIDIA A100 data sheet: 312 TFLOP/s bf16/fp16 dense, 19.5 TFLOP/s fp32, 80 GB HBM2e at 2.04 TB/s.
-        peak_flops={"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+        **_data_sheet("A100 SXM4 80GB"),
         device_memory=80 * GB,
-        mem_bandwidth=2.04e12,
         # NVLink 3 through NVSwitch: 600 GB/s per GPU both directions, 300 GB/s each way; 80% of it.
         intra_bw=0.8 * 300 * GB,
         intra_latency=2e-6,
@@ -196,9 +202,8 @@ PROFILES: dict[str, ClusterProfile] = {
         device="V100 SXM2 32GB",
         # NVIDIA V100 data sheet (SXM2): 125 TFLOP/s fp16 tensor, 15.7 TFLOP/s fp32, no bf16; 32 GB HBM2
         # at 900 GB/s.
-        peak_flops={"fp16": 125e12, "fp32": 15.7e12},
+        **_data_sheet("V100 SXM2 32GB"),
         device_memory=32 * GB,
-        mem_bandwidth=0.9e12,
         # NVLink 2, hybrid cube-mesh: 6 links x 25 GB/s each way per GPU = 150 GB/s; 80% of it.
         intra_bw=0.8 * 150 * GB,
         intra_latency=3e-6,
@@ -216,9 +221,8 @@ PROFILES: dict[str, ClusterProfile] = {
         devices_per_node=2,
         device="V100 PCIe 32GB",
         # NVIDIA V100 data sheet (PCIe): 112 TFLOP/s fp16 tensor, 14 TFLOP/s fp32, no bf16; 32 GB at 900 GB/s.
-        peak_flops={"fp16": 112e12, "fp32": 14e12},
+        **_data_sheet("V100 PCIe 32GB"),
         device_memory=32 * GB,
-        mem_bandwidth=0.9e12,
         # No NVLink: PCIe 3.0 x16, 15.75 GB/s each way; peer traffic reaches about 10 GB/s.
         intra_bw=10 * GB,
         intra_latency=5e-6,

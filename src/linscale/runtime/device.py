@@ -59,7 +59,19 @@ def _words(text: str) -> str:
 
 
 def _name_matches(key: str, device_name: str) -> bool:
-    return _words(key) in _words(device_name)
+    """Every word of `key` is a word of the device name ("A100 80GB" matches "NVIDIA A100-SXM4-80GB")."""
+    words = _words(device_name).split()
+    return all(w in words for w in _words(key).split())
+
+
+def gpu_data_sheet(name: str) -> tuple[dict[str, float], float]:
+    """(peak FLOP/s per dtype, memory bytes/s) of a GPU of the data-sheet tables, by (part of) its name
+    ("A100 SXM4 80GB", "NVIDIA H100 80GB HBM3"); a KeyError for one the tables lack."""
+    peaks = next((dict(t) for key, t in GPU_PEAK_FLOPS if _name_matches(key, name)), None)
+    bandwidth = next((v for key, v in GPU_MEMORY_BANDWIDTH if _name_matches(key, name)), None)
+    if peaks is None or bandwidth is None:
+        raise KeyError(f"{name!r} is not in GPU_PEAK_FLOPS and GPU_MEMORY_BANDWIDTH")
+    return peaks, bandwidth
 
 
 def cpu_cores() -> int:
