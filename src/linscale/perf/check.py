@@ -165,7 +165,8 @@ def resolve_profile(setting: str, device: Device, topo: Topology, compute_dtype:
 
 
 def predict_run(
-    task,
+    tr,
+    task_name: str,
     profile,
     strategy: str,
     world: int,
@@ -177,12 +178,10 @@ def predict_run(
     reduce_dtype: str,
     optimizer_impl: str = "fused",
 ) -> dict[str, Any]:
-    """The predicted figures of a run, as summary entries."""
-    from linscale.perf.memory import trace
+    """The predicted figures of a run whose model `tr` traced (perf/memory.py), as summary entries."""
     from linscale.perf.predict import predict_step
 
-    tr = trace(task, precision)
-    key = _calibration_key(profile, type(task).__name__, tr.flops_per_sample, micro_batch)
+    key = _calibration_key(profile, task_name, tr.flops_per_sample, micro_batch)
     calibrated = calibrated_efficiency(key)
     if calibrated is not None:
         profile = dataclasses.replace(profile, efficiency=calibrated)

@@ -37,6 +37,22 @@ def make_task(task_cls: type, cfg: RunConfig) -> Task:
     return task_cls(cfg.task) if getattr(task_cls, "Config", None) is not None else task_cls()
 
 
+_last_trace: tuple[tuple, Any] | None = None
+
+
+def traced(task_cls: type, cfg: RunConfig, precision: str):
+    """The task's model traced on fake tensors (perf/memory.py) in a task instance of its own, the run's
+    random numbers left alone; the last one is kept, so micro_batch=auto and the run's prediction share it."""
+    global _last_trace
+    from linscale.perf.memory import trace
+
+    key = (task_cls, repr(cfg.task), precision)
+    if _last_trace is None or _last_trace[0] != key:
+        with torch.random.fork_rng(devices=[]):
+            _last_trace = (key, trace(make_task(task_cls, cfg), precision))
+    return _last_trace[1]
+
+
 def default_global_batch(task_cls: type) -> int:
     """The global batch a task's learning rate is tuned for: its default, else linscale's."""
     from linscale.config import TrainConfig
@@ -197,15 +213,13 @@ def auto_micro_batch(
     every rank then confirms it with one forward/backward and steps down on out-of-memory, and
     the smallest answer wins, so every rank runs the same micro-batch. The estimate traces a task
     instance of its own: a task may keep state across `loss` calls (tests count them)."""
-    from linscale.perf.memory import largest_micro_batch, trace
+    from linscale.perf.memory import largest_micro_batch
 
     memory = device.total_memory(topo.local_world_size)
     answer: dict[str, Any] = {}
     if topo.is_main:
-        with torch.random.fork_rng(devices=[]):  # the trace draws nothing from the run's random numbers
-            tr = trace(make_task(task_cls, cfg), precision.name)
         micro = largest_micro_batch(
-            tr,
+            traced(task_cls, cfg, precision.name),
             strategy,
             topo.world_size,
             topo.num_nodes,
@@ -289,7 +303,8 @@ def _predict(
         return {}
     try:
         return check.predict_run(
-            make_task(task_cls, cfg),
+            traced(task_cls, cfg, precision.name),
+            task_cls.__name__,
             profile,
             strategy,
             topo.world_size,
