@@ -456,3 +456,19 @@ def test_plan_prints_recommendation_scaling_and_budget(capsys):
     assert data["recommendation"]["strategy"] == "zero3" and data["world"] == 16
     assert [r["devices"] for r in data["scaling"]["strong"]] == [1, 2, 4, 8, 16]
     assert data["scaling"]["weak"][0]["efficiency"] == pytest.approx(1.0)
+
+
+def test_efficiency_calibration_is_remembered_per_configuration(tmp_path, monkeypatch):
+    from linscale.perf import check
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert check.calibrated_efficiency("a|b") is None
+    check.remember_efficiency("a|b", 0.31)
+    check.remember_efficiency("a|c", 0.42)
+    assert check.calibrated_efficiency("a|b") == 0.31 and check.calibrated_efficiency("a|c") == 0.42
+    assert check.calibrated_efficiency(None) is None  # a profile that is not this machine's
+    path = tmp_path / "linscale" / "efficiency.json"
+    path.write_text("[1, 2]")  # damaged: read as nothing, replaced on the next write
+    assert check.calibrated_efficiency("a|b") is None
+    check.remember_efficiency("a|b", 0.2)
+    assert check.calibrated_efficiency("a|b") == 0.2

@@ -131,6 +131,8 @@ def remember_efficiency(key: str, value: float) -> None:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
+    if not isinstance(known, dict):  # a damaged file is replaced
+        known = {}
     known[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
