@@ -24,8 +24,6 @@ DEFAULT_EFFICIENCY stands in.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import torch
@@ -115,32 +113,17 @@ def _calibration_key(profile, task_name: str, flops_per_sample: float, micro_bat
 
 def calibrated_efficiency(key: str | None) -> float | None:
     """The efficiency an earlier run of this configuration reached on this machine, if one did."""
-    if key is None:
-        return None
-    try:
-        value = json.loads(_efficiency_file().read_text()).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
+    from linscale.runtime.device import read_json_map
+
+    value = read_json_map(_efficiency_file()).get(key) if key is not None else None
     return float(value) if isinstance(value, (int, float)) and 0 < value <= 1.5 else None
 
 
 def remember_efficiency(key: str, value: float) -> None:
-    """Record a run's achieved efficiency for the next prediction (a read-only home only skips it)."""
-    path = _efficiency_file()
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if not isinstance(known, dict):  # a damaged file is replaced
-        known = {}
-    known[key] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)
-    except OSError:
-        pass
+    """Record a run's achieved efficiency for the next prediction (a damaged file is replaced)."""
+    from linscale.runtime.device import remember
+
+    remember(_efficiency_file(), key, value)
 
 
 def ranks_on_this_machine(topo: Topology) -> int:

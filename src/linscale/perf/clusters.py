@@ -488,7 +488,7 @@ def _host_rate_table() -> dict[str, float]:
     while the cores are busy (other ranks starting, another job) is used once but not remembered."""
     import fcntl
 
-    from linscale.runtime.device import _cache_file, _cached_measure, _cpu_name
+    from linscale.runtime.device import _cache_file, _cached_measure, _cpu_name, read_json_map
 
     key = f"host-rates|{_cpu_name()}|{socket.gethostname()}"
     kinds = ("copy", "fused", "foreach", "copy-1-thread")
@@ -497,10 +497,7 @@ def _host_rate_table() -> dict[str, float]:
     with open(lock, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            try:
-                known = json.loads(_cache_file().read_text())
-            except (OSError, ValueError):
-                known = {}
+            known = read_json_map(_cache_file())
             if all(f"{key}|{k}" in known for k in kinds):
                 rates = [float(known[f"{key}|{k}"]) for k in kinds]
             elif _busy() < 0.25:

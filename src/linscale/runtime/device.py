@@ -247,22 +247,34 @@ def measure_cpu_peak(dtype: str, threads: int, size: int = 1024, reps: int = 6) 
     return _cached_measure(key, lambda: CPU.matmul_rate(dtype, size, reps))
 
 
-def _cached_measure(key: str, measure) -> float:
-    """`measure()` once per key on this machine, remembered in the user's cache folder."""
-    cache = _cache_file()
+def read_json_map(path: Path) -> dict:
+    """A JSON object kept in the cache folder; {} when missing or damaged."""
     try:
-        known = json.loads(cache.read_text())
+        known = json.loads(path.read_text())
     except (OSError, ValueError):
-        known = {}
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def remember(path: Path, key: str, value: float) -> None:
+    """Set `key` in the JSON object at `path`, replaced atomically; a read-only home only skips it."""
+    known = read_json_map(path)
+    known[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _cached_measure(key: str, measure) -> float:
+    """`measure()` once per key on this machine, remembered in the user's cache folder (a read-only home
+    only costs a re-measurement next time)."""
+    known = read_json_map(_cache_file())
     if key in known:
         return float(known[key])
     value = measure()
-    known[key] = value
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only home only costs a re-measurement next time
+    remember(_cache_file(), key, value)
     return value
