@@ -306,7 +306,6 @@ class _Timeline:
         self.host = host
         self.c = 0.0  # when compute is free
         self.q = 0.0  # when the communication queue is free
-        self.busy = 0.0  # seconds of compute
         self.comm = 0.0  # seconds of communication
         self.host_busy = 0.0  # seconds of host work around the collectives
 
@@ -323,7 +322,6 @@ class _Timeline:
 
     def run(self, seconds: float, after: float = 0.0) -> float:
         self.c = max(self.c, after) + seconds
-        self.busy += seconds
         return self.c
 
 
